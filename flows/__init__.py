@@ -1,0 +1,1 @@
+"""Flows put tasks in order; no math here."""

@@ -1,0 +1,57 @@
+"""One session: ingest -> embed -> exact index -> evaluate -> publish (DESIGN steps 1, 2, 9-11).
+
+Every stage is a cached task keyed by content digests and code/config/model versions, with
+results persisted in the store: a retry after a failure re-runs only what failed.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from infra.caching import result_storage_for
+from infra.config import SessionConfig
+from infra.store import Store, normalize_url
+from tasks.embedding import embed_documents, encoder_version
+from tasks.evaluation import evaluate_sessions
+from tasks.indexing import build_index
+from tasks.ingest import ingest_session
+from tasks.publishing import plan_session, publish_session
+
+
+@flow(name="driftlane-session", flow_run_name="session {session_url} -> {store_url}",
+      log_prints=False)
+def session_flow(session_url: str, store_url: str,
+                 config: SessionConfig = SessionConfig()) -> dict:  # noqa: B008
+    """Run the next session of a store from a BEIR session folder."""
+    logger = get_run_logger()
+    session_url, store_url = normalize_url(session_url), normalize_url(store_url)
+    store = Store(store_url)
+    results = result_storage_for(store)
+
+    plan = plan_session(session_url, store_url, config.scratch_dir)
+    if plan["status"] == "published":
+        logger.info("session %s (digest %s) is already published in %s as #%d %s: nothing to do",
+                    plan["name"], plan["digest"][:12], store.url, plan["index"],
+                    plan["published_as"])
+        return {"status": "already-published", "name": plan["name"], "index": plan["index"]}
+    scratch = plan["scratch_dir"]
+
+    ingested = ingest_session.with_options(result_storage=results)(
+        session_url, plan["digest"], scratch)
+    model_version = encoder_version(config.embedding.model)
+    embedded = embed_documents.with_options(result_storage=results)(
+        plan["name"], ingested, config.embedding, model_version, store.cache_url, scratch)
+
+    new_source = {"session": plan["name"], "docs_url": ingested["docs_path"],
+                  "vectors_url": embedded["vectors_path"],
+                  "queries_url": ingested["queries_path"], "qrels_url": ingested["qrels_path"]}
+    sources = [*plan["previous"], new_source]
+    index = build_index.with_options(result_storage=results)(plan["name"], sources, scratch)
+    evaluation = evaluate_sessions.with_options(result_storage=results)(
+        plan["name"], index, sources, config.embedding, config.evaluation, model_version,
+        store.cache_url, scratch)
+
+    manifest = publish_session(plan, ingested, embedded, index, evaluation, config,
+                               model_version)
+    return {"status": "published", "name": manifest["name"], "index": manifest["index"],
+            "metrics": evaluation["metrics"]}

@@ -1,0 +1,1 @@
+"""What touches the outside world: configuration, the store, Prefect plumbing."""

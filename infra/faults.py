@@ -1,0 +1,23 @@
+"""Named points where a test can make a run fail on purpose (Faiss' `crash_at` idea).
+
+`DRIFTLANE_FAIL_AT=<point>` raises `InjectedFailure` there; `DRIFTLANE_KILL_AT=<point>` kills
+the process with SIGKILL, as a power cut or an OOM kill would. Both are read at the moment
+the point is reached, so a test can set them between runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+class InjectedFailure(RuntimeError):
+    """Raised at a crash point named by DRIFTLANE_FAIL_AT."""
+
+
+def crash_point(name: str) -> None:
+    """Fail or die here when the environment asks for it; otherwise do nothing."""
+    if os.environ.get("DRIFTLANE_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("DRIFTLANE_FAIL_AT") == name:
+        raise InjectedFailure(f"injected failure at {name!r} (DRIFTLANE_FAIL_AT)")

@@ -1,0 +1,250 @@
+"""The store: published sessions under an fsspec URL, written scratch-then-publish.
+
+Layout (everything relative to the store root):
+
+    store.json                      store id and format version, written once
+    sessions/<index>_<name>/        one folder per published session
+        manifest.json               written last: a folder without it is not a session
+        ...                         parquet / npy / faiss / JSON outputs of the session
+    .staging/                       uploads in progress (ignored by readers)
+    cache/                          content-addressed caches (embeddings)
+    results/                        Prefect's persisted task results
+
+A session's files are uploaded to `.staging/` under a unique name, the staged folder is
+renamed into `sessions/`, and the manifest is written (to a temporary name, then renamed)
+last. On a POSIX or NFS filesystem each rename is atomic; on object stores a rename is a
+copy, which is why the manifest, not the folder, marks a session complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fsspec.core import url_to_fs
+
+from infra.faults import crash_point
+
+STORE_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+class StoreError(RuntimeError):
+    """The store refused an operation; the message says which session and why."""
+
+
+def normalize_url(url: str) -> str:
+    """Expand `~` in a local path or a `file://` URL; leave other protocols as they are."""
+    url = str(url)
+    if url.startswith("file://"):
+        return "file://" + os.path.abspath(os.path.expanduser(url[len("file://") :]))
+    if "://" not in url:
+        return os.path.abspath(os.path.expanduser(url))
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class SessionManifest:
+    """What a published session is: written last, read first."""
+
+    name: str
+    index: int
+    digest: str
+    model_version: str
+    n_docs: int
+    n_queries: int
+    config_digest: str
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    created_at: str = ""
+    format: int = STORE_FORMAT
+
+    @property
+    def folder(self) -> str:
+        return f"{self.index:05d}_{self.name}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SessionManifest:
+        data = json.loads(text)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Store:
+    """A driftlane store at an fsspec URL (a local folder by default)."""
+
+    def __init__(self, url: str):
+        self.url = normalize_url(url)
+        self.fs, self.root = url_to_fs(self.url)
+        self.root = self.root.rstrip("/") or "/"
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # -- paths -------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def url_of(self, *parts: str) -> str:
+        """Full URL (with protocol) of a path inside the store, for fsspec.open."""
+        return self.fs.unstrip_protocol(self.path(*parts))
+
+    @property
+    def results_url(self) -> str:
+        return self.url_of("results")
+
+    @property
+    def cache_url(self) -> str:
+        return self.url_of("cache")
+
+    # -- identity ----------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.fs.exists(self.path("store.json"))
+
+    def ensure(self) -> str:
+        """Create the store if it is new; return its id. Idempotent."""
+        meta = self.path("store.json")
+        if not self.fs.exists(meta):
+            self.fs.makedirs(self.root, exist_ok=True)
+            info = {"store_id": uuid.uuid4().hex, "format": STORE_FORMAT,
+                    "created_at": _now()}
+            self._write_atomic(meta, json.dumps(info, indent=2).encode())
+        return self.store_id
+
+    @property
+    def store_id(self) -> str:
+        try:
+            with self.fs.open(self.path("store.json"), "rb") as f:
+                return json.loads(f.read())["store_id"]
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}: not a driftlane store (no store.json)") from None
+
+    # -- reading -----------------------------------------------------------------------
+    def sessions(self) -> list[SessionManifest]:
+        """Published sessions in order. Folders without a manifest are ignored."""
+        base = self.path("sessions")
+        if not self.fs.exists(base):
+            return []
+        manifests = []
+        for folder in sorted(self.fs.ls(base, detail=False)):
+            mpath = posixpath.join(folder, MANIFEST)
+            try:
+                with self.fs.open(mpath, "rb") as f:
+                    manifest = SessionManifest.from_json(f.read().decode())
+            except FileNotFoundError:
+                continue
+            if posixpath.basename(folder.rstrip("/")) != manifest.folder:
+                continue
+            manifests.append(manifest)
+        return sorted(manifests, key=lambda m: m.index)
+
+    def session_url(self, manifest: SessionManifest, filename: str = "") -> str:
+        return self.url_of("sessions", manifest.folder, filename) if filename else \
+            self.url_of("sessions", manifest.folder)
+
+    def read_json(self, manifest: SessionManifest, filename: str) -> Any:
+        with self.fs.open(self.path("sessions", manifest.folder, filename), "rb") as f:
+            return json.loads(f.read())
+
+    def find_published(self, name: str, digest: str) -> SessionManifest | None:
+        """The published session this input already is, or None if it is new.
+
+        Raises StoreError when a different session was published under the same name:
+        that is a mistake upstream, never a reason to overwrite.
+        """
+        for m in self.sessions():
+            if m.digest == digest:
+                return m
+        for m in self.sessions():
+            if m.name == name:
+                raise StoreError(
+                    f"{self.url}: already holds a session named {name!r} (index {m.index}) with "
+                    f"different content (stored digest {m.digest[:12]}, new {digest[:12]}); "
+                    "give the new session folder another name to add it"
+                )
+        return None
+
+    # -- writing -----------------------------------------------------------------------
+    def publish_session(self, local_dir: Path, manifest: SessionManifest) -> SessionManifest:
+        """Move a finished session from local scratch into the store.
+
+        Steps: upload every file into `.staging/<folder>.<uuid>/`, rename the staged folder to
+        `sessions/<folder>/`, then write the manifest last. A crash at any step leaves no
+        visible session, and publishing again completes it.
+        """
+        local_dir = Path(local_dir)
+        if manifest.index != len(self.sessions()):
+            raise StoreError(
+                f"{self.url}: cannot publish {manifest.name!r} as session {manifest.index}; "
+                f"the store holds {len(self.sessions())} sessions"
+            )
+        files = {}
+        for p in sorted(local_dir.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(local_dir).as_posix()
+                if rel == MANIFEST:
+                    continue
+                files[rel] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+        manifest = SessionManifest(**{**asdict(manifest), "files": files,
+                                      "created_at": manifest.created_at or _now()})
+        final = self.path("sessions", manifest.folder)
+        staged = self.path(".staging", f"{manifest.folder}.{uuid.uuid4().hex[:12]}")
+
+        self._remove_leftovers(manifest.folder, final)
+        crash_point("publish.stage")
+        for rel in files:
+            target = posixpath.join(staged, rel)
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            self.fs.put_file(str(local_dir / rel), target)
+            crash_point("publish.stage.file")
+        crash_point("publish.rename")
+        self.fs.makedirs(self.path("sessions"), exist_ok=True)
+        self.fs.mv(staged, final, recursive=True)
+        crash_point("publish.manifest")
+        self._write_atomic(posixpath.join(final, MANIFEST), manifest.to_json().encode())
+        crash_point("publish.done")
+        return manifest
+
+    def _remove_leftovers(self, folder: str, final: str) -> None:
+        """Clear what an interrupted publish of this same session left behind."""
+        if self.fs.exists(final):
+            if self.fs.exists(posixpath.join(final, MANIFEST)):
+                raise StoreError(f"{self.url}: session folder {folder} is already published")
+            self.fs.rm(final, recursive=True)
+        staging = self.path(".staging")
+        if self.fs.exists(staging):
+            for leftover in self.fs.ls(staging, detail=False):
+                if posixpath.basename(leftover.rstrip("/")).startswith(folder + "."):
+                    self.fs.rm(leftover, recursive=True)
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, path)
+
+
+def open_store(url: str) -> Store:
+    return Store(url)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+

@@ -1,0 +1,108 @@
+"""Decide what a session run has to do, and publish its outputs into the store (DESIGN 11).
+
+`plan_session` looks at the store before any work: a session already published with the
+same content is a no-op, a different session under a published name is an error.
+`publish_session` gathers the outputs of the cached stages into one local folder and hands
+it to the store, which stages, renames and writes the manifest last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from infra.caching import scratch_for
+from infra.config import SessionConfig
+from infra.store import SessionManifest, Store
+from tasks.ingest import SessionFormatError, session_digest, validate_session
+
+# Files every published session holds, and where in the stage outputs they come from.
+SESSION_FILES = {
+    "docs.parquet": ("ingested", "docs_path"),
+    "queries.parquet": ("ingested", "queries_path"),
+    "qrels.parquet": ("ingested", "qrels_path"),
+    "doc_vectors.npy": ("embedded", "vectors_path"),
+    "index.faiss": ("index", "index_path"),
+    "index_ids.parquet": ("index", "ids_path"),
+    "metrics.json": ("evaluation", "metrics_path"),
+}
+
+
+def published_sources(store: Store) -> list[dict]:
+    """URLs of each published session's documents, vectors, queries and qrels, in order."""
+    sources = []
+    for m in store.sessions():
+        sources.append({
+            "session": m.name,
+            "docs_url": store.session_url(m, "docs.parquet"),
+            "vectors_url": store.session_url(m, "doc_vectors.npy"),
+            "vectors_sha256": m.files["doc_vectors.npy"]["sha256"],
+            "queries_url": store.session_url(m, "queries.parquet"),
+            "qrels_url": store.session_url(m, "qrels.parquet"),
+            "qrels_sha256": m.files["qrels.parquet"]["sha256"],
+        })
+    return sources
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Hard-link when scratch and the publish folder share a device, copy otherwise."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# --- Prefect task wrappers ---
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="plan {session_url}")
+def plan_session(session_url: str, store_url: str, scratch_base: str | None) -> dict:
+    """Digest the input and look it up in the store: new, or already published."""
+    store = Store(store_url)
+    name = Path(session_url.rstrip("/")).name
+    digest = session_digest(session_url)
+    published = store.find_published(name, digest) if store.exists() else None
+    plan = {"name": name, "digest": digest, "store_url": store.url}
+    if published is not None:
+        return {**plan, "status": "published", "index": published.index,
+                "published_as": published.name}
+    # Validate before any task persists a result: bad input must leave the store untouched,
+    # and Prefect writes even a failed task's exception into the (in-store) result storage.
+    if validate_session(session_url) != digest:
+        raise SessionFormatError(session_url, None, "session folder changed while it was "
+                                 "being read (content digest differs); run it once complete")
+    return {**plan, "status": "new", "index": len(store.sessions()) if store.exists() else 0,
+            "previous": published_sources(store) if store.exists() else [],
+            "scratch_dir": scratch_for(store, scratch_base)}
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="publish {plan[name]}")
+def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, evaluation: dict,
+                    config: SessionConfig, model_version: str) -> dict:
+    """Publish the session's outputs; the manifest is written last."""
+    store = Store(plan["store_url"])
+    store.ensure()
+    outputs = {"ingested": ingested, "embedded": embedded, "index": index,
+               "evaluation": evaluation}
+    folder = Path(plan["scratch_dir"]) / "publish" / plan["digest"][:32]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for filename, (stage, key) in SESSION_FILES.items():
+        _place(Path(outputs[stage][key]), folder / filename)
+    (folder / "config.json").write_text(
+        json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True))
+    manifest = SessionManifest(
+        name=plan["name"], index=plan["index"], digest=plan["digest"],
+        model_version=model_version, n_docs=ingested["n_docs"],
+        n_queries=ingested["n_queries"], config_digest=config.digest(),
+    )
+    manifest = store.publish_session(folder, manifest)
+    shutil.rmtree(folder, ignore_errors=True)
+    get_run_logger().info("published session %s as #%d in %s", manifest.name, manifest.index,
+                          store.url)
+    return json.loads(manifest.to_json())

@@ -1,0 +1,63 @@
+"""Shared fixtures: the packaged encoder, real datasets, an isolated Prefect harness."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("DRIFTLANE_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    """The shared BEIR collections; the suite fails loudly when they are missing."""
+    if not (DATASETS / "cisi" / "corpus.jsonl").exists():
+        pytest.fail(f"shared datasets not found at {DATASETS} (set DRIFTLANE_DATASETS)")
+    return DATASETS
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """Folder of the packaged all-MiniLM-L6-v2 weights."""
+    from tasks.embedding import resolve_model_path
+
+    return resolve_model_path("default")
+
+
+@pytest.fixture(scope="session")
+def encoder(minilm_path):
+    """The packaged MiniLM on the CPU, loaded once per test session. Do not modify it."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect database for the whole session, flow heartbeats off."""
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                             PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness():
+            yield
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch) -> Path:
+    """A private scratch folder per test, so cached stage outputs never leak between tests."""
+    folder = tmp_path / "scratch"
+    monkeypatch.setenv("DRIFTLANE_SCRATCH", str(folder))
+    return folder
