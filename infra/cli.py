@@ -26,8 +26,11 @@ def _fail(message: str) -> None:
 
 
 def _run_flows(session_urls: list[str], store: str, config_path: Path | None) -> list[dict]:
+    # Models load from local folders only; the temporary Prefect server must not try to
+    # phone home from machines without internet.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.session import session_flow
     from infra.faults import InjectedFailure
     from tasks.ingest import SessionFormatError
