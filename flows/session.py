@@ -6,7 +6,10 @@ results persisted in the store: a retry after a failure re-runs only what failed
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from infra.caching import result_storage_for
 from infra.config import SessionConfig
@@ -18,8 +21,14 @@ from tasks.ingest import ingest_session
 from tasks.publishing import plan_session, publish_session
 
 
-@flow(name="driftlane-session", flow_run_name="session {session_url} -> {store_url}",
-      log_prints=False)
+def session_run_name() -> str:
+    """'<session name> -> <store>', so the UI's run list says which session went where."""
+    params = flow_run.parameters
+    name = PurePosixPath(str(params["session_url"]).rstrip("/")).name
+    return f"{name} -> {normalize_url(params['store_url'])}"
+
+
+@flow(name="driftlane-session", flow_run_name=session_run_name, log_prints=False)
 def session_flow(session_url: str, store_url: str,
                  config: SessionConfig = SessionConfig()) -> dict:  # noqa: B008
     """Run the next session of a store from a BEIR session folder."""

@@ -240,10 +240,6 @@ class Store:
         self.fs.mv(tmp, path)
 
 
-def open_store(url: str) -> Store:
-    return Store(url)
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
