@@ -31,6 +31,9 @@ def _run_flows(session_urls: list[str], store: str, config_path: Path | None) ->
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without a server, Prefect starts a temporary one; its first start on a fresh machine
+    # migrates a new database, which takes longer than Prefect's 20 s default on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.session import session_flow
     from infra.faults import InjectedFailure
     from tasks.ingest import SessionFormatError

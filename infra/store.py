@@ -189,10 +189,12 @@ class Store:
         visible session, and publishing again completes it.
         """
         local_dir = Path(local_dir)
-        if manifest.index != len(self.sessions()):
+        held = len(self.sessions())
+        if manifest.index != held:
             raise StoreError(
-                f"{self.url}: cannot publish {manifest.name!r} as session {manifest.index}; "
-                f"the store holds {len(self.sessions())} sessions"
+                f"{self.url}: cannot publish {manifest.name!r} as session #{manifest.index}: "
+                f"the store now holds {held} sessions (another run published while this one "
+                "was running); run it again to add it as the next session"
             )
         files = {}
         for p in sorted(local_dir.rglob("*")):

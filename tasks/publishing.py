@@ -18,8 +18,11 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.caching import scratch_for
 from infra.config import SessionConfig
+from infra.lock import StoreLock
 from infra.store import SessionManifest, Store
 from tasks.ingest import SessionFormatError, session_digest, validate_session
+
+PUBLISH_LOCK_WAIT_S = 120.0
 
 # Files every published session holds, and where in the stage outputs they come from.
 SESSION_FILES = {
@@ -86,7 +89,6 @@ def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, eva
                     config: SessionConfig, model_version: str) -> dict:
     """Publish the session's outputs; the manifest is written last."""
     store = Store(plan["store_url"])
-    store.ensure()
     outputs = {"ingested": ingested, "embedded": embedded, "index": index,
                "evaluation": evaluation}
     folder = Path(plan["scratch_dir"]) / "publish" / plan["digest"][:32]
@@ -101,7 +103,12 @@ def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, eva
         model_version=model_version, n_docs=ingested["n_docs"],
         n_queries=ingested["n_queries"], config_digest=config.digest(),
     )
-    manifest = store.publish_session(folder, manifest)
+    # One writer at a time: a run that planned the same index concurrently finds the store
+    # changed under the lock and fails with a clear message instead of interleaving.
+    with StoreLock(store.url, owner_label=f"publish {plan['name']}",
+                   wait_seconds=PUBLISH_LOCK_WAIT_S, keep_alive=True):
+        store.ensure()
+        manifest = store.publish_session(folder, manifest)
     shutil.rmtree(folder, ignore_errors=True)
     get_run_logger().info("published session %s as #%d in %s", manifest.name, manifest.index,
                           store.url)

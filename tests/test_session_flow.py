@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 
 import pytest
@@ -183,3 +184,32 @@ def test_injected_failure_is_raised_to_the_caller(tmp_path, sessions, monkeypatc
     with pytest.raises(InjectedFailure):
         session_flow(str(sessions[0]), str(tmp_path / "store"))
     assert Store(str(tmp_path / "store")).sessions() == []
+
+
+def test_two_runs_at_once_on_one_store_never_interleave(tmp_path, sessions):
+    """Both runs plan session #0; the lock serialises publishing and the loser says why."""
+    store_dir = tmp_path / "store"
+    outcomes: dict[str, object] = {}
+
+    def run(session):
+        try:
+            outcomes[session.name] = session_flow(str(session), str(store_dir))
+        except StoreError as exc:
+            outcomes[session.name] = exc
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    published = [n for n, o in outcomes.items() if isinstance(o, dict)]
+    refused = [o for o in outcomes.values() if isinstance(o, StoreError)]
+    assert len(published) + len(refused) == 2 and published
+    for exc in refused:
+        assert "another run published while this one was running" in str(exc)
+    manifests = Store(str(store_dir)).sessions()
+    assert [m.index for m in manifests] == list(range(len(published)))
+    assert not list(store_dir.glob(".lock*"))  # the lock is released
+    # the refused session goes in on its next run
+    for name in set(outcomes) - set(published):
+        assert session_flow(str(tmp_path / "in" / name), str(store_dir))["index"] == 1

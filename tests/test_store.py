@@ -132,7 +132,7 @@ def test_publish_refuses_wrong_index_and_double_publish(tmp_path):
     store = Store(str(tmp_path / "store"))
     store.ensure()
     out = make_outputs(tmp_path / "s" / "a", "a")
-    with pytest.raises(StoreError, match="as session 3"):
+    with pytest.raises(StoreError, match="as session #3: the store now holds 0 sessions"):
         store.publish_session(out, manifest("a", 3))
     store.publish_session(out, manifest("a", 0))
     before = snapshot(tmp_path / "store")
