@@ -1,0 +1,115 @@
+"""Cluster quality report for one session (DESIGN step 10).
+
+All indices are computed on L2-normalized rows with Euclidean distance, the chord distance
+sqrt(2 - 2 cos), which orders pairs as cosine does and is what k-means minimizes:
+- silhouette (Rousseeuw 1987): mean over a seeded sample of rows (it is O(n^2)); higher is better;
+- Davies-Bouldin (Davies & Bouldin 1979): full data; lower is better;
+- Calinski-Harabasz (Calinski & Harabasz 1974): full data; higher is better;
+- Dunn (Dunn 1974), centroid form: min distance between two cluster means divided by the largest
+  cluster diameter, each diameter taken as 2 x the largest member-to-mean distance. This is the
+  generalized Dunn index with centroid linkage (Bezdek & Pal 1998), O(n d + k^2 d); the diameter
+  used bounds the exact one from above (triangle inequality). Higher is better;
+- WCSS: sum of squared distances from each member to its cluster mean (k-means inertia).
+An index that is undefined for the input (one cluster, every row its own cluster, all clusters
+single points) is None, and `reason` says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    calinski_harabasz_score,
+    davies_bouldin_score,
+    silhouette_score,
+)
+
+from tasks.warmup import silhouette_sample_rows, unit_euclidean_distances, unit_rows
+
+
+def cluster_means(unit: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """(k, d) float64 mean of the rows of `unit` (n, d) with each code in [0, k) (unnormalized)."""
+    sums = np.zeros((k, unit.shape[1]), dtype=np.float64)
+    np.add.at(sums, codes, unit)
+    return sums / np.bincount(codes, minlength=k)[:, None]
+
+
+def within_cluster_sum_of_squares(unit: np.ndarray, codes: np.ndarray, k: int) -> float:
+    """WCSS: sum over rows of the squared distance to their cluster's mean."""
+    means = cluster_means(unit, codes, k)
+    return float(((unit - means[codes]) ** 2).sum())
+
+
+def dunn_index(unit: np.ndarray, codes: np.ndarray, k: int) -> float | None:
+    """Centroid-form Dunn index (module docstring); None for k < 2 or zero diameters."""
+    if k < 2:
+        return None
+    means = cluster_means(unit, codes, k)
+    reach = np.zeros(k)
+    np.maximum.at(reach, codes, np.linalg.norm(unit - means[codes], axis=1))
+    diameter = 2.0 * reach.max()
+    squared = (means**2).sum(1)
+    between = squared[:, None] + squared[None, :] - 2.0 * means @ means.T  # (k, k)
+    np.fill_diagonal(between, np.inf)
+    separation = float(np.sqrt(max(between.min(), 0.0)))
+    return None if diameter == 0 else separation / diameter
+
+
+def cluster_report(
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    sample_size: int = 2000,
+    seed: int = 0,
+    *,
+    new_cluster_ids: Sequence[int] = (),
+    n_evicted: int = 0,
+) -> dict[str, Any]:
+    """Quality report of the clustering `labels` (n,) int of `vectors` (n, d); JSON-ready.
+
+    Keys: n_documents, n_clusters, sizes ({cluster id: member count}), new_clusters (the ids
+    given), n_new_clusters, evictions (`n_evicted`), silhouette (on a seeded sample of
+    `sample_size` rows), davies_bouldin, calinski_harabasz, dunn, wcss, reason.
+    """
+    unit = unit_rows(vectors).astype(np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(unit):
+        raise ValueError(f"{len(labels)} labels for {len(unit)} vectors")
+    ids, codes = np.unique(labels, return_inverse=True)
+    n, k = len(unit), len(ids)
+    sizes = np.bincount(codes, minlength=k)
+    report: dict[str, Any] = {
+        "n_documents": n,
+        "n_clusters": k,
+        "sizes": {int(i): int(s) for i, s in zip(ids, sizes, strict=True)},
+        "new_clusters": sorted(int(i) for i in new_cluster_ids),
+        "n_new_clusters": len(new_cluster_ids),
+        "evictions": int(n_evicted),
+        "silhouette": None,
+        "davies_bouldin": None,
+        "calinski_harabasz": None,
+        "dunn": None,
+        "wcss": within_cluster_sum_of_squares(unit, codes, k) if n else 0.0,
+        "reason": None,
+    }
+    if not 2 <= k <= n - 1:
+        report["reason"] = (f"{k} cluster(s) for {n} document(s): silhouette, Davies-Bouldin, "
+                            "Calinski-Harabasz and Dunn need 2 <= clusters <= documents - 1")
+        return report
+    sample = silhouette_sample_rows(n, sample_size, seed)
+    sample_codes = codes[sample]
+    n_sampled_clusters = np.unique(sample_codes).size
+    if 2 <= n_sampled_clusters <= len(sample) - 1:
+        report["silhouette"] = float(silhouette_score(
+            unit_euclidean_distances(unit[sample]), sample_codes, metric="precomputed"))
+    else:
+        report["reason"] = (f"the silhouette sample of {len(sample)} rows holds "
+                            f"{n_sampled_clusters} cluster(s)")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        report["davies_bouldin"] = float(davies_bouldin_score(unit, codes))
+        report["calinski_harabasz"] = float(calinski_harabasz_score(unit, codes))
+    report["dunn"] = dunn_index(unit, codes, k)
+    if report["dunn"] is None:
+        report["reason"] = "every cluster is a single point: the Dunn index is undefined"
+    return report

@@ -1,0 +1,158 @@
+"""Warm-up clustering (DESIGN step 3): BisectingKMeans over a range of k, k chosen by silhouette.
+
+Geometry. Document vectors (or LSH prototypes) are compared by cosine. Rows are L2-normalized
+here (a copy; zero rows stay zero), and on unit vectors the squared Euclidean distance is
+`2 - 2 cos`, so Euclidean k-means and the Euclidean silhouette rank points exactly as cosine
+would (spherical k-means up to the centroid normalization). Returned centroids are the
+normalized member means, and the rest of the pipeline (`tasks.memory`) measures a document's
+distance to a cluster as the cosine distance `1 - x . c`.
+
+Choosing k. BisectingKMeans (Steinbach, Karypis & Kumar 2000, "A comparison of document
+clustering techniques") is fitted once per k in [k_min, k_max], and the k with the highest mean
+silhouette (Rousseeuw 1987) wins; ties go to the smaller k. The silhouette is O(n^2), so it is
+computed on one seeded sample of rows, the same rows for every k, so the scores are comparable.
+
+Degenerate inputs (fewer than 2 rows, all rows identical, fewer distinct rows than k_min) do not
+raise: they come back as a single cluster (k = 1) with a `reason` the caller logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.cluster import BisectingKMeans
+from sklearn.metrics import silhouette_score
+
+DEFAULT_K_MAX = 20
+DEFAULT_SILHOUETTE_SAMPLE = 2000
+
+
+@dataclass(frozen=True)
+class WarmupResult:
+    """Outcome of the warm-up.
+
+    labels: (n,) int64 in [0, k); centroids: (k, d) float32, L2-normalized member means;
+    silhouette_by_k: sampled silhouette for every k tried (empty when none could be tried);
+    reason: why the input was treated as one cluster, or None for a normal result.
+    """
+
+    labels: np.ndarray
+    centroids: np.ndarray
+    k: int
+    silhouette_by_k: dict[int, float] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Row-wise L2-normalized float32 copy of `vectors` (n, d); all-zero rows stay zero."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def normalized_cluster_means(
+    vectors: np.ndarray, labels: np.ndarray, n_clusters: int
+) -> np.ndarray:
+    """(n_clusters, d) float32: L2-normalized mean of the rows of each label in [0, n_clusters).
+
+    A label with no rows gets a zero row.
+    """
+    sums = np.zeros((n_clusters, vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, labels, vectors)
+    return unit_rows(sums)
+
+
+def count_distinct_rows(vectors: np.ndarray, stop_at: int | None = None) -> int:
+    """Number of distinct rows of `vectors` (exact equality).
+
+    With `stop_at`, a cheap check on the first `stop_at` rows is tried first: when those are
+    already all distinct the answer is at least `stop_at`, and `stop_at` is returned.
+    """
+    if stop_at is not None and 0 < stop_at <= len(vectors):
+        head = np.unique(vectors[:stop_at], axis=0)
+        if len(head) >= stop_at:
+            return stop_at
+    return int(len(np.unique(vectors, axis=0)))
+
+
+def silhouette_sample_rows(n: int, sample_size: int, seed: int) -> np.ndarray:
+    """Sorted row indices of the seeded silhouette sample (all rows when n <= sample_size)."""
+    if n <= sample_size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=sample_size, replace=False))
+
+
+def unit_euclidean_distances(unit: np.ndarray) -> np.ndarray:
+    """(m, m) float64 Euclidean distances between unit rows: sqrt(2 - 2 cos), zero diagonal."""
+    unit = unit.astype(np.float64)
+    distances = np.sqrt(np.maximum(2.0 - 2.0 * (unit @ unit.T), 0.0))
+    np.fill_diagonal(distances, 0.0)
+    return distances
+
+
+def _single_cluster(unit: np.ndarray, reason: str) -> WarmupResult:
+    n, d = unit.shape
+    centroids = (normalized_cluster_means(unit, np.zeros(n, dtype=np.int64), 1) if n
+                 else np.zeros((1, d), dtype=np.float32))
+    return WarmupResult(labels=np.zeros(n, dtype=np.int64), centroids=centroids, k=1,
+                        silhouette_by_k={}, reason=reason)
+
+
+def choose_k_and_cluster(
+    vectors: np.ndarray,
+    k_min: int = 2,
+    k_max: int = DEFAULT_K_MAX,
+    sample_size: int = DEFAULT_SILHOUETTE_SAMPLE,
+    seed: int = 0,
+    n_init: int = 1,
+) -> WarmupResult:
+    """Cluster `vectors` (n, d) with BisectingKMeans for each k in [k_min, k_max]; keep the best.
+
+    The best k has the highest silhouette on a seeded sample of `sample_size` rows (Euclidean on
+    L2-normalized rows, i.e. monotone in cosine distance; see the module docstring). k_max is
+    capped at the number of distinct rows and at n - 1 (the silhouette needs 2 <= k <= n - 1).
+    The same `seed` gives the same result bit for bit (on the same machine and thread count).
+    `n_init` is BisectingKMeans' number of tries per bisection.
+
+    Returns a `WarmupResult`; when no k >= max(k_min, 2) is possible it is a single cluster with
+    `reason` set, instead of an exception.
+    """
+    if k_min < 1 or k_max < k_min:
+        raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+    if sample_size < 2:
+        raise ValueError(f"sample_size must be at least 2, got {sample_size}")
+    unit = unit_rows(vectors)
+    n = unit.shape[0]
+    k_low = max(k_min, 2)
+    if n < 2:
+        return _single_cluster(unit, f"{n} document(s): nothing to cluster, one cluster")
+    n_distinct = count_distinct_rows(unit, stop_at=min(n, k_max + 1))
+    if n_distinct == 1:
+        return _single_cluster(unit, f"all {n} documents have the same vector: one cluster")
+    k_high = min(k_max, n_distinct, n - 1)
+    if k_high < k_low:
+        return _single_cluster(
+            unit, f"{n} documents with {n_distinct} distinct vectors: too few for "
+                  f"k_min={k_low} clusters (silhouette needs 2 <= k <= n - 1), one cluster")
+
+    sample = silhouette_sample_rows(n, sample_size, seed)
+    sample_distances = unit_euclidean_distances(unit[sample])  # once, reused for every k
+    best: tuple[float, int, np.ndarray] | None = None
+    silhouette_by_k: dict[int, float] = {}
+    for k in range(k_low, k_high + 1):  # one fit per k, not per document
+        model = BisectingKMeans(n_clusters=k, random_state=seed, n_init=n_init)
+        labels = model.fit_predict(unit).astype(np.int64)
+        sample_labels = labels[sample]
+        if np.unique(sample_labels).size < 2 or np.unique(sample_labels).size >= len(sample):
+            score = -1.0  # undefined on this sample; never preferred over a defined score
+        else:
+            score = float(silhouette_score(sample_distances, sample_labels,
+                                           metric="precomputed"))
+        silhouette_by_k[k] = score
+        if best is None or score > best[0]:
+            best = (score, k, labels)
+    assert best is not None
+    _, k, labels = best
+    return WarmupResult(labels=labels, centroids=normalized_cluster_means(unit, labels, k),
+                        k=k, silhouette_by_k=silhouette_by_k, reason=None)
