@@ -41,6 +41,7 @@ test-all: env ## Run every test, slow ones included
 bench: env ## Run the benchmarks (CPU configuration) into benchmarks/results/
 	$(BIN)/python -m benchmarks.embedding --out benchmarks/results/embedding_cpu.json
 	$(BIN)/python -m benchmarks.clustering --out benchmarks/results/clustering_cpu.json
+	$(BIN)/python -m benchmarks.prototypes --out benchmarks/results/prototypes_cpu.json
 
 lint: env ## ruff over the code
 	$(BIN)/ruff check flows tasks infra tests benchmarks
