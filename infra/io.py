@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import fsspec
 import numpy as np
 import pandas as pd
@@ -15,5 +13,5 @@ def read_parquet(url: str) -> pd.DataFrame:
 
 
 def read_npy(url: str) -> np.ndarray:
-    with fsspec.open(url, "rb") as f:
-        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+    with fsspec.open(url, "rb") as f:  # seekable: np.load reads it without a copy
+        return np.load(f, allow_pickle=False)

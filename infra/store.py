@@ -168,10 +168,11 @@ class Store:
         Raises StoreError when a different session was published under the same name:
         that is a mistake upstream, never a reason to overwrite.
         """
-        for m in self.sessions():
+        sessions = self.sessions()
+        for m in sessions:
             if m.digest == digest:
                 return m
-        for m in self.sessions():
+        for m in sessions:
             if m.name == name:
                 raise StoreError(
                     f"{self.url}: already holds a session named {name!r} (index {m.index}) with "

@@ -23,6 +23,7 @@ from infra.store import SessionManifest, Store
 from tasks.ingest import SessionFormatError, session_digest, validate_session
 
 PUBLISH_LOCK_WAIT_S = 120.0
+PUBLISH_LOCK_LEASE_S = 60.0
 
 # Files every published session holds, and where in the stage outputs they come from.
 SESSION_FILES = {
@@ -36,10 +37,10 @@ SESSION_FILES = {
 }
 
 
-def published_sources(store: Store) -> list[dict]:
+def published_sources(store: Store, manifests: list[SessionManifest]) -> list[dict]:
     """URLs of each published session's documents, vectors, queries and qrels, in order."""
     sources = []
-    for m in store.sessions():
+    for m in manifests:
         sources.append({
             "session": m.name,
             "docs_url": store.session_url(m, "docs.parquet"),
@@ -79,8 +80,9 @@ def plan_session(session_url: str, store_url: str, scratch_base: str | None) -> 
     if validate_session(session_url) != digest:
         raise SessionFormatError(session_url, None, "session folder changed while it was "
                                  "being read (content digest differs); run it once complete")
-    return {**plan, "status": "new", "index": len(store.sessions()) if store.exists() else 0,
-            "previous": published_sources(store) if store.exists() else [],
+    manifests = store.sessions() if store.exists() else []
+    return {**plan, "status": "new", "index": len(manifests),
+            "previous": published_sources(store, manifests),
             "scratch_dir": scratch_for(store, scratch_base)}
 
 
@@ -105,7 +107,10 @@ def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, eva
     )
     # One writer at a time: a run that planned the same index concurrently finds the store
     # changed under the lock and fails with a clear message instead of interleaving.
-    with StoreLock(store.url, owner_label=f"publish {plan['name']}",
+    # The lease is short and renewed by a heartbeat, so a run killed while publishing blocks
+    # the store only until its lease runs out.
+    lease = float(os.environ.get("DRIFTLANE_LOCK_LEASE_S", PUBLISH_LOCK_LEASE_S))
+    with StoreLock(store.url, owner_label=f"publish {plan['name']}", lease_seconds=lease,
                    wait_seconds=PUBLISH_LOCK_WAIT_S, keep_alive=True):
         store.ensure()
         manifest = store.publish_session(folder, manifest)
