@@ -36,6 +36,7 @@ def _run_flows(session_urls: list[str], store: str, config_path: Path | None) ->
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.session import session_flow
     from infra.faults import InjectedFailure
+    from infra.lock import StoreLocked
     from tasks.ingest import SessionFormatError
 
     try:
@@ -46,7 +47,8 @@ def _run_flows(session_urls: list[str], store: str, config_path: Path | None) ->
     for url in session_urls:
         try:
             summary = session_flow(url, store, config)
-        except (SessionFormatError, StoreError, InjectedFailure, FileNotFoundError) as exc:
+        except (SessionFormatError, StoreError, StoreLocked, InjectedFailure,
+                FileNotFoundError) as exc:
             _fail(str(exc))
         summaries.append(summary)
         if summary["status"] == "already-published":
