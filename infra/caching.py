@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from fsspec.implementations.local import LocalFileSystem
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 from pydantic import BaseModel
@@ -98,14 +99,9 @@ def result_storage_for(store: Store) -> Path | WritableFileSystem:
     saved on the Prefect server under a name derived from the store URL (Prefect only accepts
     saved blocks as task result storage).
     """
-    if _is_local(store):
+    if isinstance(store.fs, LocalFileSystem):
         return Path(store.path("results"))
     block = RemoteFileSystem(basepath=store.results_url)
     name = "driftlane-results-" + hashlib.sha256(store.url.encode()).hexdigest()[:16]
     block.save(name, overwrite=True)
     return block
-
-
-def _is_local(store: Store) -> bool:
-    protocols = store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)
-    return bool({"file", "local"} & set(protocols))

@@ -76,6 +76,8 @@ from typing import Any
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from infra.store import normalize_url
+
 LOCK_NAME = ".lock"
 BREAK_NAME = ".lock-break"
 TOMB_PREFIX = ".lock-tomb."
@@ -283,12 +285,9 @@ class StoreLock:
 
 
 def _make_backend(store_root: str | Path, lock: StoreLock) -> _PosixBackend | _FsspecBackend:
-    root = str(store_root)
-    if isinstance(store_root, Path) or "://" not in root:
-        return _PosixBackend(os.path.abspath(os.path.expanduser(root)), lock)
-    fs, path = url_to_fs(root)
+    fs, path = url_to_fs(normalize_url(str(store_root)))
     if isinstance(fs, LocalFileSystem):
-        return _PosixBackend(os.path.abspath(os.path.expanduser(path)), lock)
+        return _PosixBackend(path, lock)
     return _FsspecBackend(fs, path.rstrip("/") or "/", lock)
 
 
