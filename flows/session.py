@@ -1,4 +1,4 @@
-"""One session: ingest -> embed -> exact index -> evaluate -> publish (DESIGN steps 1, 2, 9-11).
+"""One session: ingest -> embed -> memory -> index -> evaluate -> publish (DESIGN 1-6, 9-11).
 
 Every stage is a cached task keyed by content digests and code/config/model versions, with
 results persisted in the store: a retry after a failure re-runs only what failed.
@@ -19,6 +19,7 @@ from tasks.evaluation import evaluate_sessions
 from tasks.indexing import build_index
 from tasks.ingest import ingest_session
 from tasks.publishing import plan_session, publish_session
+from tasks.session_memory import update_session_memory
 
 
 def session_run_name() -> str:
@@ -48,8 +49,16 @@ def session_flow(session_url: str, store_url: str,
     ingested = ingest_session.with_options(result_storage=results)(
         session_url, plan["digest"], scratch)
     model_version = encoder_version(config.embedding.model)
+    # Documents that enter memory keep their token embeddings (term-based scoring).
+    embedding = config.embedding.model_copy(update={
+        "keep_token_embeddings": config.embedding.keep_token_embeddings
+        or config.memory.enabled})
     embedded = embed_documents.with_options(result_storage=results)(
-        plan["name"], ingested, config.embedding, model_version, store.cache_url, scratch)
+        plan["name"], ingested, embedding, model_version, store.cache_url, scratch)
+    memory = None
+    if config.memory.enabled:
+        memory = update_session_memory.with_options(result_storage=results)(
+            plan["name"], ingested, embedded, plan["previous_memory"], config.memory, scratch)
 
     new_source = {"session": plan["name"], "docs_url": ingested["docs_path"],
                   "vectors_url": embedded["vectors_path"],
@@ -61,6 +70,6 @@ def session_flow(session_url: str, store_url: str,
         store.cache_url, scratch)
 
     manifest = publish_session(plan, ingested, embedded, index, evaluation, config,
-                               model_version)
+                               model_version, memory)
     return {"status": "published", "name": manifest["name"], "index": manifest["index"],
             "metrics": evaluation["metrics"]}

@@ -6,12 +6,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from infra.config import ConfigError, load_config
 from infra.store import Store, StoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Keep a retrieval encoder good while its corpus keeps changing.")
@@ -95,6 +98,9 @@ def store_summary(store: Store) -> dict:
             "index": m.index, "name": m.name, "digest": m.digest,
             "model_version": m.model_version, "n_docs": m.n_docs, "n_queries": m.n_queries,
             "created_at": m.created_at,
+            "n_clusters": m.summary.get("n_clusters"),
+            "memory_size": m.summary.get("memory_size"),
+            "memory_budget": m.summary.get("memory_budget"),
             "metrics": store.read_json(m, "metrics.json"),
         })
     return {"store": store.url, "sessions": sessions}
@@ -121,8 +127,95 @@ def show(
     for s in summary["sessions"]:
         typer.echo(f"#{s['index']} {s['name']}  model {s['model_version']}  "
                    f"{s['n_docs']} docs  {s['n_queries']} queries  ({s['created_at']})")
+        if s["n_clusters"] is not None:
+            typer.echo(f"  {s['n_clusters']} clusters, memory {s['memory_size']}/"
+                       f"{s['memory_budget']} documents")
         if s["metrics"]:
             _print_metrics(s["metrics"])
+
+
+@app.command("make-stream")
+def make_stream(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the session folders and "
+                                      "stream.json; must be empty unless --force.")],
+    datasets: Annotated[list[str] | None, typer.Argument(
+        help="BEIR collections in stream order: names under --datasets-dir, or paths/URLs. "
+             "Default: scifact cosqa npl_vaswani cisi msmarco_agentset5k.",
+        show_default=False)] = None,
+    mode: Annotated[str, typer.Option("--mode", metavar="[domain|mixed]", help="domain: one "
+                    "collection per session; mixed: every session draws from several, with "
+                    "shifting proportions.")] = "domain",
+    docs_per_session: Annotated[int | None, typer.Option(
+        "--docs-per-session", min=1, help="Documents per session (default: whole collections "
+        "in domain mode; every document once, spread over the sessions, in mixed mode).")] = None,
+    queries_per_session: Annotated[int | None, typer.Option(
+        "--queries-per-session", min=1, help="Most judged queries per session "
+        "(default: as many as fit).")] = None,
+    sessions: Annotated[int | None, typer.Option(
+        "--sessions", min=1, help="Sessions of a mixed stream (default: one per collection).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of every random choice.")] = 0,
+    test_fraction: Annotated[float, typer.Option(
+        "--test-fraction", min=0.0, max=1.0, help="Share of test queries for a collection "
+        "whose qrels have a single split.")] = 0.5,
+    datasets_dir: Annotated[str | None, typer.Option(
+        "--datasets-dir", help="Where collection names are looked up (default: "
+        "$DRIFTLANE_DATASETS, else ../shared/datasets next to the repository).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a stream already in --out.")
+    ] = False,
+) -> None:
+    """Cut BEIR collections into numbered session folders: a continual stream."""
+    from infra.stream_builder import StreamBuildError, build_stream
+
+    try:
+        manifest = build_stream(datasets or [], out, mode=mode, docs_per_session=docs_per_session,
+                                queries_per_session=queries_per_session, n_sessions=sessions,
+                                seed=seed, test_fraction=test_fraction,
+                                datasets_dir=datasets_dir, force=force)
+    except StreamBuildError as exc:
+        _fail(str(exc))
+    for s in manifest["sessions"]:
+        typer.echo(f"{s['name']}: {s['docs']} docs, {s['queries']} queries "
+                   f"({', '.join(s['datasets'])})")
+    typer.echo(f"{len(manifest['sessions'])} sessions written to {out} (see stream.json)")
+
+
+def cluster_table(store: Store) -> pd.DataFrame:
+    """doc_id, cluster_id, session of every document, as of the latest session."""
+    from infra.io import read_parquet
+
+    manifests = [m for m in store.sessions() if "memory/assignments.parquet" in m.files]
+    if not manifests:
+        raise StoreError(f"{store.url}: no session with a clustered memory yet")
+    table = read_parquet(store.session_url(manifests[-1], "memory/assignments.parquet"))
+    prefix = table["session"].str.len() + 1
+    doc_ids = [key[n:] for key, n in zip(table["doc_key"], prefix, strict=True)]
+    return table.assign(doc_id=doc_ids)[["doc_id", "cluster_id", "session"]]
+
+
+@app.command("export-clusters")
+def export_clusters(
+    store: StoreOpt,
+    out: Annotated[Path, typer.Option("--out", help="Output file: .csv or .parquet.")],
+) -> None:
+    """Write every document's stable cluster id (doc_id, cluster_id, session)."""
+    if out.suffix not in (".csv", ".parquet"):
+        _fail(f"{out}: unknown output format {out.suffix!r} (use .csv or .parquet)")
+    st = Store(store)
+    if not st.exists():
+        _fail(f"{st.url}: no driftlane store here (no store.json)")
+    try:
+        table = cluster_table(st)
+    except StoreError as exc:
+        _fail(str(exc))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix == ".csv":
+        table.to_csv(tmp, index=False)
+    else:
+        table.to_parquet(tmp, index=False)
+    tmp.replace(out)
+    typer.echo(f"{len(table)} documents in {table['cluster_id'].nunique()} clusters -> {out}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -91,10 +91,157 @@ class EvaluationConfig(_Section):
     split: str = Field(default="test", pattern="^(test|train)$", description="Which qrels to use.")
 
 
+class ClusterRepresentation(StrEnum):
+    """What the clusters are computed on."""
+
+    dense = "dense"
+    prototypes = "prototypes"
+
+
+class EvictionStrategy(StrEnum):
+    """How memory is brought back under its budget (see tasks.memory.evict)."""
+
+    cluster_aware = "cluster_aware"
+    reservoir = "reservoir"
+    prototypes_only = "prototypes_only"
+
+
+class MatchMethod(StrEnum):
+    """How a re-clustering is matched to the previous cluster ids."""
+
+    jaccard = "jaccard"
+    centroid = "centroid"
+
+
+class PrototypeConfig(_Section):
+    """SimHash prototypes (fixed-dimensional encodings) of token embeddings (DESIGN step 4)."""
+
+    n_bits: int = Field(default=4, ge=1, le=12, description="Hyperplanes per repetition.")
+    n_repetitions: int = Field(default=20, ge=1, le=256, description="Independent partitions.")
+    projection_dim: int | None = Field(
+        default=64, ge=1, le=4096, description="Random projection per bucket; null keeps 384.")
+    seed: int = Field(default=0, ge=0, description="Seed of the hyperplanes and projection.")
+
+
+class MemoryConfig(_Section):
+    """Clustered memory: warm-up, streaming assignment, stable ids, eviction (DESIGN 3-6)."""
+
+    enabled: bool = Field(default=True, description="Keep a clustered memory at all.")
+    budget: int = Field(default=1000, ge=0, le=10_000_000,
+                        description="Documents kept in memory across all clusters.")
+    eviction: EvictionStrategy = Field(default=EvictionStrategy.cluster_aware)
+    representation: ClusterRepresentation = Field(
+        default=ClusterRepresentation.dense,
+        description="Cluster on mean-pooled dense vectors or on token prototypes.")
+    z: float = Field(default=2.0, ge=0.0, le=10.0,
+                     description="Cluster boundary: mean + z * std of member distances.")
+    min_cluster_size: int = Field(default=5, ge=1, le=10_000,
+                                  description="Below this a cluster uses the pooled boundary.")
+    min_per_cluster: int = Field(default=2, ge=0, le=1000,
+                                 description="Members each cluster keeps under eviction.")
+    max_new_clusters: int = Field(default=64, ge=1, le=10_000,
+                                  description="Clusters one session may open.")
+    k_min: int = Field(default=2, ge=2, le=1000, description="Smallest k of the warm-up.")
+    k_max: int = Field(default=20, ge=2, le=1000, description="Largest k of the warm-up.")
+    silhouette_sample: int = Field(default=2000, ge=50, le=1_000_000,
+                                   description="Rows the silhouette is computed on.")
+    recluster: bool = Field(default=False, description="Force a new warm-up this session; "
+                            "ids are kept by matching to the previous clusters.")
+    match_method: MatchMethod = Field(default=MatchMethod.jaccard)
+    min_jaccard: float = Field(default=0.5, ge=0.0, le=1.0,
+                               description="Below this overlap a cluster gets a fresh id.")
+    max_centroid_distance: float = Field(default=0.1, ge=0.0, le=2.0,
+                                         description="Centroid matching: farther is fresh.")
+    seed: int = Field(default=0, ge=0, description="Seed of the warm-up and reservoir.")
+    prototypes: PrototypeConfig = PrototypeConfig()
+
+    @model_validator(mode="after")
+    def _k_range(self) -> MemoryConfig:
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must not exceed k_max ({self.k_max})")
+        return self
+
+
+class SamplingMode(StrEnum):
+    """Where the positives of new training examples come from (DESIGN step 7)."""
+
+    labeled = "labeled"
+    self_supervised = "self_supervised"
+
+
+class SamplingConfig(_Section):
+    """Training examples from the session and from memory (DESIGN step 7, tasks.sampling)."""
+
+    mode: SamplingMode = Field(
+        default=SamplingMode.labeled,
+        description="labeled: positives from qrels/train.tsv; self_supervised: the best "
+        "term-scored document in the query's nearest clusters.")
+    n_probe: int = Field(default=2, ge=1, le=1024,
+                         description="Nearest clusters searched for a pseudo-positive.")
+    hard_negative_margin: float = Field(
+        default=0.05, ge=0.0, le=2.0,
+        description="Negatives must score at most (positive score - margin) against the query.")
+    easy_negative_ratio: float = Field(
+        default=0.2, ge=0.0, le=1.0,
+        description="Share of examples whose negative comes from another cluster.")
+    singleton_examples: bool = Field(
+        default=True, description="A singleton cluster's document trains as its own positive, "
+        "anchored by a span of its text.")
+    span_words: int = Field(default=64, ge=4, le=4096,
+                            description="Words in the anchor span of a document example.")
+    replay_ratio: float = Field(default=0.3, ge=0.0, le=0.95,
+                                description="Share of replay examples in the mixed set.")
+    query_buffer_budget: int = Field(default=1000, ge=0, le=10_000_000,
+                                     description="Past training queries kept for replay.")
+    stratified_batches: bool = Field(default=True,
+                                     description="Batches drawn from one cluster each.")
+    curriculum_mixed_fraction: float = Field(
+        default=0.3, ge=0.0, le=1.0,
+        description="Share of the session's batches that stay mixed before stratified ones.")
+    seed: int = Field(default=0, ge=0, description="Seed of every random choice in sampling.")
+
+
+class BudgetUnit(StrEnum):
+    """How the training budget of a session is set."""
+
+    steps = "steps"
+    epochs = "epochs"
+
+
+class FinetuneConfig(_Section):
+    """Fine-tuning the encoder each session (DESIGN step 8, tasks.finetune)."""
+
+    enabled: bool = Field(default=True, description="Train at all (off: zero-shot).")
+    batch_size: int = Field(default=32, ge=1, le=65_536, description="Examples per step.")
+    mini_batch_size: int | None = Field(
+        default=None, ge=1, le=65_536,
+        description="Set when a batch does not fit: CachedMultipleNegativesRankingLoss "
+        "embeds this many texts at a time (GradCache).")
+    learning_rate: float = Field(default=2e-5, gt=0.0, le=1.0)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0,
+                                description="Share of the steps with a linear warm-up.")
+    max_seq_length: int = Field(default=128, ge=8, le=8192,
+                                description="Tokens per text while training (short on CPU).")
+    budget_unit: BudgetUnit = Field(default=BudgetUnit.epochs,
+                                    description="Budget in passes over the examples or steps.")
+    epochs: float = Field(default=1.0, gt=0.0, le=1000.0, description="With budget_unit=epochs.")
+    steps: int = Field(default=100, ge=1, le=10_000_000, description="With budget_unit=steps.")
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000,
+                                  description="Cap on the steps of one session, any unit.")
+    hard_negatives: bool = Field(default=True,
+                                 description="Feed the sampled negative column to the loss.")
+    scale: float = Field(default=20.0, gt=0.0, le=1000.0,
+                         description="Inverse temperature of the ranking loss.")
+    log_every_steps: int = Field(default=10, ge=1, le=100_000, description="Loss log period.")
+    device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda'.")
+    seed: int = Field(default=0, ge=0, description="Seed of weights updates and dropout.")
+
+
 class SessionConfig(_Section):
     """Everything one session run needs to know besides its input and its store."""
 
     embedding: EmbeddingConfig = EmbeddingConfig()
+    memory: MemoryConfig = MemoryConfig()
     index: IndexConfig = IndexConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     scratch_dir: str | None = Field(

@@ -62,6 +62,7 @@ class SessionManifest:
     n_queries: int
     config_digest: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # n_clusters, memory_size, ...
     created_at: str = ""
     format: int = STORE_FORMAT
 

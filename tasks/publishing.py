@@ -23,6 +23,7 @@ from infra.store import SessionManifest, Store
 from tasks.ingest import SessionFormatError, session_digest, validate_session
 
 PUBLISH_LOCK_WAIT_S = 120.0
+MEMORY_STATE = "memory/state.json"
 PUBLISH_LOCK_LEASE_S = 60.0
 
 # Files every published session holds, and where in the stage outputs they come from.
@@ -51,6 +52,16 @@ def published_sources(store: Store, manifests: list[SessionManifest]) -> list[di
             "qrels_sha256": m.files["qrels.parquet"]["sha256"],
         })
     return sources
+
+
+def previous_memory(store: Store, manifests: list[SessionManifest]) -> dict | None:
+    """Where the latest session's memory state lies, with its digest (for cache keys)."""
+    if not manifests or MEMORY_STATE not in manifests[-1].files:
+        return None
+    last = manifests[-1]
+    return {"url": store.session_url(last, "memory"), "session": last.name,
+            "state_sha256": last.files[MEMORY_STATE]["sha256"],
+            "memory_sha256": last.files["memory/memory.parquet"]["sha256"]}
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -83,12 +94,14 @@ def plan_session(session_url: str, store_url: str, scratch_base: str | None) -> 
     manifests = store.sessions() if store.exists() else []
     return {**plan, "status": "new", "index": len(manifests),
             "previous": published_sources(store, manifests),
+            "previous_memory": previous_memory(store, manifests),
             "scratch_dir": scratch_for(store, scratch_base)}
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="publish {plan[name]}")
 def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, evaluation: dict,
-                    config: SessionConfig, model_version: str) -> dict:
+                    config: SessionConfig, model_version: str,
+                    memory: dict | None = None) -> dict:
     """Publish the session's outputs; the manifest is written last."""
     store = Store(plan["store_url"])
     outputs = {"ingested": ingested, "embedded": embedded, "index": index,
@@ -98,12 +111,18 @@ def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, eva
     folder.mkdir(parents=True)
     for filename, (stage, key) in SESSION_FILES.items():
         _place(Path(outputs[stage][key]), folder / filename)
+    summary: dict = {"n_clusters": None, "memory_size": None, "memory_budget": None}
+    if memory is not None:
+        for rel, path in memory["files"].items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            _place(Path(path), folder / rel)
+        summary = {k: memory[k] for k in summary}
     (folder / "config.json").write_text(
         json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True))
     manifest = SessionManifest(
         name=plan["name"], index=plan["index"], digest=plan["digest"],
         model_version=model_version, n_docs=ingested["n_docs"],
-        n_queries=ingested["n_queries"], config_digest=config.digest(),
+        n_queries=ingested["n_queries"], config_digest=config.digest(), summary=summary,
     )
     # One writer at a time: a run that planned the same index concurrently finds the store
     # changed under the lock and fails with a clear message instead of interleaving.
