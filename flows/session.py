@@ -1,4 +1,5 @@
-"""One session: ingest -> embed -> memory -> index -> evaluate -> publish (DESIGN 1-6, 9-11).
+"""One session, in the order of DESIGN.md: ingest, embed, memory, sample, fine-tune, re-embed,
+index, evaluate, report, publish.
 
 Every stage is a cached task keyed by content digests and code/config/model versions, with
 results persisted in the store: a retry after a failure re-runs only what failed.
@@ -14,12 +15,14 @@ from prefect.runtime import flow_run
 from infra.caching import result_storage_for
 from infra.config import SessionConfig
 from infra.store import Store, normalize_url
-from tasks.embedding import embed_documents, encoder_version
-from tasks.evaluation import evaluate_sessions
-from tasks.indexing import build_index
+from tasks.embedding import embed_documents
+from tasks.evaluation import evaluate_sessions, report_session
+from tasks.indexing import build_index, reembed_sources
 from tasks.ingest import ingest_session
-from tasks.publishing import plan_session, publish_session
-from tasks.session_memory import update_session_memory
+from tasks.models import start_model
+from tasks.publishing import plan_session, publish_session, stage_timings, training_files
+from tasks.session_memory import reembed_memory, update_session_memory
+from tasks.training import fine_tune_session, sample_training
 
 
 def session_run_name() -> str:
@@ -48,28 +51,64 @@ def session_flow(session_url: str, store_url: str,
 
     ingested = ingest_session.with_options(result_storage=results)(
         session_url, plan["digest"], scratch)
-    model_version = encoder_version(config.embedding.model)
+    # DESIGN 8 starts from the last session's model (or the base model for joint retraining)
+    start = start_model(plan["previous_model"], config.embedding.model,
+                        config.finetune.start_from.value, scratch)
     # Documents that enter memory keep their token embeddings (term-based scoring).
     embedding = config.embedding.model_copy(update={
+        "model": start["path"],
         "keep_token_embeddings": config.embedding.keep_token_embeddings
         or config.memory.enabled})
     embedded = embed_documents.with_options(result_storage=results)(
-        plan["name"], ingested, embedding, model_version, store.cache_url, scratch)
+        plan["name"], ingested, embedding, start["version"], store.cache_url, scratch)
+
     memory = None
     if config.memory.enabled:
         memory = update_session_memory.with_options(result_storage=results)(
             plan["name"], ingested, embedded, plan["previous_memory"], config.memory, scratch)
 
+    docs_urls = {src["session"]: src["docs_url"] for src in plan["previous"]}
+    docs_urls[plan["name"]] = ingested["docs_path"]
+    final = {"path": start["path"], "version": start["version"]}
+    sampled = trained = None
+    if config.finetune.enabled and memory is not None:
+        sampled = sample_training.with_options(result_storage=results)(
+            plan["name"], ingested, embedded, memory, docs_urls, plan["previous_training"],
+            config.sampling, config.finetune, embedding, start["version"], store.cache_url,
+            scratch)
+        trained = fine_tune_session.with_options(result_storage=results)(
+            plan["name"], sampled, config.finetune, start, scratch)
+        final = {"path": trained["model_path"], "version": trained["model_version"]}
+    elif config.finetune.enabled:
+        logger.warning("fine-tuning needs the clustered memory (memory.enabled): skipped")
+    final_embedding = embedding.model_copy(update={"model": final["path"],
+                                                   "keep_token_embeddings": False})
+
+    # DESIGN 9: vectors from an older model are stale; re-embed, then rebuild the index
     new_source = {"session": plan["name"], "docs_url": ingested["docs_path"],
-                  "vectors_url": embedded["vectors_path"],
+                  "vectors_url": embedded["vectors_path"], "model_version": start["version"],
                   "queries_url": ingested["queries_path"], "qrels_url": ingested["qrels_path"]}
-    sources = [*plan["previous"], new_source]
-    index = build_index.with_options(result_storage=results)(plan["name"], sources, scratch)
+    sources = reembed_sources.with_options(result_storage=results)(
+        plan["name"], [*plan["previous"], new_source], final_embedding, final["version"],
+        store.cache_url, scratch)
+    if memory is not None and final["version"] != start["version"]:
+        memory = reembed_memory.with_options(result_storage=results)(
+            plan["name"], memory, docs_urls, embedding.model_copy(
+                update={"model": final["path"]}), final["version"], store.cache_url, scratch)
+    index = build_index.with_options(result_storage=results)(
+        plan["name"], sources, config.index, scratch)
+    # DESIGN 10: every session so far, on its own test queries, against the whole corpus
     evaluation = evaluate_sessions.with_options(result_storage=results)(
-        plan["name"], index, sources, config.embedding, config.evaluation, model_version,
+        plan["name"], index, sources, final_embedding, config.evaluation, final["version"],
         store.cache_url, scratch)
 
-    manifest = publish_session(plan, ingested, embedded, index, evaluation, config,
-                               model_version, memory)
+    timings = stage_timings(embedded, memory, sampled, trained, sources, index, evaluation)
+    report = report_session(plan["name"], plan["previous"], evaluation,
+                            memory["files"]["cluster_report.json"] if memory else None,
+                            timings, scratch)
+    extra = {**report["files"], **training_files(sampled, trained)}
+    manifest = publish_session(plan, ingested, {"vectors_path": sources[-1]["vectors_url"]},
+                               index, evaluation, config, final["version"], memory, extra)
     return {"status": "published", "name": manifest["name"], "index": manifest["index"],
-            "metrics": evaluation["metrics"]}
+            "metrics": evaluation["metrics"], "model_version": final["version"],
+            "summary": report["summary"], "timings": timings}

@@ -78,10 +78,27 @@ class EmbeddingConfig(_Section):
     chunking: ChunkingConfig = ChunkingConfig()
 
 
+class IndexKind(StrEnum):
+    """Faiss index family (DESIGN step 9)."""
+
+    auto = "auto"
+    exact = "exact"
+    ivf = "ivf"
+    ivfpq = "ivfpq"
+
+
 class IndexConfig(_Section):
     """Faiss index over the corpus seen so far."""
 
-    kind: str = Field(default="exact", pattern="^exact$", description="Only 'exact' for now.")
+    kind: IndexKind = Field(default=IndexKind.auto,
+                            description="auto: chosen from the corpus size.")
+    exact_below: int = Field(default=50_000, ge=0, description="auto: exact search below this "
+                             "many documents, IVF-Flat above.")
+    pq_from: int = Field(default=1_000_000, ge=1, description="auto: IVF-PQ fast-scan with "
+                         "exact re-ranking from this many documents on.")
+    nlist_per_sqrt_n: float = Field(default=8.0, ge=4.0, le=16.0,
+                                    description="IVF lists = this * sqrt(N) (4..16).")
+    nprobe: int = Field(default=32, ge=1, le=65_536, description="IVF lists searched.")
 
 
 class EvaluationConfig(_Section):
@@ -193,6 +210,8 @@ class SamplingConfig(_Section):
                                 description="Share of replay examples in the mixed set.")
     query_buffer_budget: int = Field(default=1000, ge=0, le=10_000_000,
                                      description="Past training queries kept for replay.")
+    replay_all: bool = Field(default=False, description="Replay every buffered query "
+                             "instead of replay_ratio (the joint-retraining baseline).")
     stratified_batches: bool = Field(default=True,
                                      description="Batches drawn from one cluster each.")
     curriculum_mixed_fraction: float = Field(
@@ -208,10 +227,20 @@ class BudgetUnit(StrEnum):
     epochs = "epochs"
 
 
+class StartModel(StrEnum):
+    """Which weights a session's fine-tuning starts from."""
+
+    previous = "previous"
+    base = "base"
+
+
 class FinetuneConfig(_Section):
     """Fine-tuning the encoder each session (DESIGN step 8, tasks.finetune)."""
 
     enabled: bool = Field(default=True, description="Train at all (off: zero-shot).")
+    start_from: StartModel = Field(
+        default=StartModel.previous, description="previous: the last session's model "
+        "(continual); base: the configured encoder (joint retraining).")
     batch_size: int = Field(default=32, ge=1, le=65_536, description="Examples per step.")
     mini_batch_size: int | None = Field(
         default=None, ge=1, le=65_536,
@@ -242,6 +271,8 @@ class SessionConfig(_Section):
 
     embedding: EmbeddingConfig = EmbeddingConfig()
     memory: MemoryConfig = MemoryConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     index: IndexConfig = IndexConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     scratch_dir: str | None = Field(

@@ -41,6 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from infra.caching import cache_key_for, stage_output_dir
 from infra.config import ChunkingConfig, EmbeddingConfig, WindowPooling
 from infra.faults import crash_point
+from infra.io import read_parquet
 from tasks.chunking import (
     SpecialTokens,
     build_window_batch,
@@ -158,6 +159,16 @@ def model_version(model: str) -> str:
 def document_text(title: str, text: str) -> str:
     """The text the encoder sees for a document: title and text joined by one space."""
     return f"{title} {text}".strip() if title else text
+
+
+def doc_texts_of(sessions: list[str], docs_urls: dict[str, str]) -> pd.Series:
+    """Series doc_key -> document text for every document of the named sessions."""
+    parts = []
+    for session in dict.fromkeys(sessions):
+        docs = read_parquet(docs_urls[session])
+        texts = [document_text(t, x) for t, x in zip(docs["title"], docs["text"], strict=True)]
+        parts.append(pd.Series(texts, index=session + "/" + docs["doc_id"].astype(str)))
+    return pd.concat(parts) if parts else pd.Series(dtype=object)
 
 
 def text_digest(text: str) -> str:

@@ -8,11 +8,16 @@ doc ids ("1", "2", ...); qrels of a session refer to that session's own document
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
+import fsspec
 import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from infra.caching import cache_key_for, stage_output_dir
 from infra.config import EmbeddingConfig, EvaluationConfig
@@ -21,7 +26,7 @@ from infra.io import read_parquet
 from tasks.embedding import EmbeddingCache, embed_with_cache, load_encoder
 from tasks.indexing import search
 
-EVALUATION_VERSION = "1"
+EVALUATION_VERSION = "2"
 
 # Our metric name -> ranx metric name.
 METRICS = {
@@ -58,6 +63,43 @@ def retrieval_metrics(qrels: dict[str, dict[str, int]],
     return {ours: float(scores[theirs]) for ours, theirs in METRICS.items()}
 
 
+def metrics_matrix(rows: Sequence[tuple[str, dict[str, dict[str, float]]]],
+                   metric: str) -> np.ndarray:
+    """R (T, T): R[i][j] = `metric` on session j after session i; NaN where not evaluated.
+
+    rows: (session name, metrics of that session's run keyed by evaluated session), in stream
+    order, T rows.
+    """
+    names = [name for name, _ in rows]
+    matrix = np.full((len(rows), len(rows)), np.nan)
+    for i, (_, metrics) in enumerate(rows):
+        for evaluated, values in metrics.items():
+            if evaluated in names and metric in values:
+                matrix[i, names.index(evaluated)] = values[metric]
+    return matrix
+
+
+def continual_summary(rows: Sequence[tuple[str, dict[str, dict[str, float]]]],
+                      metrics: Sequence[str] = tuple(METRICS)) -> dict:
+    """The evaluation matrix of a stream, average performance and backward transfer.
+
+    avg = mean over j of R[T-1][j] (sessions with test queries); bwt = mean over j < T-1 of
+    R[T-1][j] - R[j][j] (Lopez-Paz & Ranzato 2017, GEM): negative means forgetting. JSON-ready;
+    NaN becomes None.
+    """
+    out: dict = {"sessions": [name for name, _ in rows], "matrix": {}, "avg": {}, "bwt": {}}
+    for metric in metrics:
+        r = metrics_matrix(rows, metric)
+        last = r[-1] if len(r) else np.zeros(0)
+        avg = float(np.nanmean(last)) if np.isfinite(last).any() else None
+        diffs = [r[-1, j] - r[j, j] for j in range(len(r) - 1)
+                 if np.isfinite(r[-1, j]) and np.isfinite(r[j, j])]
+        out["matrix"][metric] = [[None if np.isnan(v) else float(v) for v in row] for row in r]
+        out["avg"][metric] = avg
+        out["bwt"][metric] = float(np.mean(diffs)) if diffs else None
+    return out
+
+
 def qrels_dict(qrels: pd.DataFrame, session: str, split: str) -> dict[str, dict[str, int]]:
     """{query id: {global doc key: score}} for one split of a session's qrels table."""
     rows = qrels[qrels["split"] == split]
@@ -78,6 +120,7 @@ def evaluate_sessions(session_name: str, index: dict, sessions: list[dict],
     """Evaluate each session's test queries against the index of everything seen so far."""
     import faiss
 
+    started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("evaluate", EVALUATION_VERSION, scratch_dir)
     faiss_index = faiss.read_index(index["index_path"])
@@ -87,6 +130,7 @@ def evaluate_sessions(session_name: str, index: dict, sessions: list[dict],
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking)
 
     metrics: dict[str, dict[str, float]] = {}
+    rankings = []
     for src in sessions:
         qrels = qrels_dict(read_parquet(src["qrels_url"]), src["session"], evaluation.split)
         if not qrels:
@@ -100,9 +144,109 @@ def evaluate_sessions(session_name: str, index: dict, sessions: list[dict],
         scores, rows = search(faiss_index, embedded.vectors, evaluation.top_k)
         run = ranking_from_search(list(queries["query_id"]), scores, rows, doc_keys)
         metrics[src["session"]] = {**retrieval_metrics(qrels, run), "n_queries": len(queries)}
+        rankings.append(ranking_rows(src["session"], run))
         logger.info("after %s, session %s: %s", session_name, src["session"],
                     {k: round(v, 4) for k, v in metrics[src["session"]].items()})
     crash_point("evaluate.write")
     path = out / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return {"metrics_path": str(path), "metrics": metrics}
+    runs = (pd.concat(rankings, ignore_index=True) if rankings
+            else ranking_rows("", {}))
+    runs.to_parquet(out / "runs.parquet", index=False)
+    return {"metrics_path": str(path), "runs_path": str(out / "runs.parquet"),
+            "metrics": metrics, "seconds": time.perf_counter() - started}
+
+
+def ranking_rows(session: str, run: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """A ranx-style run as rows (evaluated_session, query_id, doc_key, score, rank)."""
+    rows = [(qid, doc, score) for qid, docs in run.items() for doc, score in docs.items()]
+    frame = pd.DataFrame(rows, columns=["query_id", "doc_key", "score"])
+    frame["score"] = frame["score"].astype(np.float32)
+    frame["rank"] = (frame.groupby("query_id")["score"].rank(method="first", ascending=False)
+                     .astype(np.int32))
+    frame.insert(0, "evaluated_session", session)
+    return frame
+
+
+def plot_matrix(summary: dict, metric: str, path: Path) -> None:
+    """A PNG heatmap of R[i][j] for `metric`: rows after session i, columns session j."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = summary["sessions"]
+    r = np.array([[np.nan if v is None else v for v in row]
+                  for row in summary["matrix"][metric]], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(names), 1.2 + 0.8 * len(names)))
+    image = ax.imshow(r, vmin=0.0, vmax=1.0, cmap="viridis")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if np.isfinite(r[i, j]):
+                ax.text(j, i, f"{r[i, j]:.3f}", ha="center", va="center", fontsize=8,
+                        color="white" if r[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), [f"after {n}" for n in names])
+    ax.set_title(f"{metric}: avg {summary['avg'][metric] or 0:.3f}, "
+                 f"BWT {summary['bwt'][metric] or 0:+.3f}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report_markdown(session_name: str, summary: dict, cluster: dict | None,
+                    timings: dict[str, float]) -> str:
+    """The per-session report: metrics matrix, average and BWT, cluster report, timings."""
+    names = summary["sessions"]
+    lines = [f"# driftlane session {session_name}", "", "## nDCG@10 matrix (row: after session)",
+             "", "| after \\ on | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for name, row in zip(names, summary["matrix"]["ndcg@10"], strict=True):
+        cells = ["" if v is None else f"{v:.4f}" for v in row]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| metric | average after last | backward transfer |", "|---|---|---|"]
+    for metric in summary["avg"]:
+        avg, bwt = summary["avg"][metric], summary["bwt"][metric]
+        lines.append(f"| {metric} | {'' if avg is None else f'{avg:.4f}'} | "
+                     f"{'' if bwt is None else f'{bwt:+.4f}'} |")
+    if cluster is not None:
+        lines += ["", "## Clusters", ""]
+        for key in ("n_clusters", "n_new_clusters", "evictions", "memory_size",
+                    "memory_budget", "silhouette", "davies_bouldin", "calinski_harabasz",
+                    "dunn", "wcss"):
+            lines.append(f"- {key}: {cluster.get(key)}")
+    lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.1f}" for k, v in timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="report {session_name}")
+def report_session(session_name: str, previous: list[dict], evaluation: dict,
+                   cluster_report_path: str | None, timings: dict[str, float],
+                   scratch_dir: str) -> dict:
+    """Matrix R over the stream so far, its heatmap, timings and a Markdown report artifact."""
+    out = Path(scratch_dir) / "report" / session_name
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [(src["session"], _read_json(src["metrics_url"])) for src in previous]
+    summary = continual_summary([*rows, (session_name, evaluation["metrics"])])
+    (out / "matrix.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    (out / "timings.json").write_text(json.dumps(timings, indent=2, sort_keys=True))
+    plot_matrix(summary, "ndcg@10", out / "matrix_ndcg10.png")
+    cluster = (json.loads(Path(cluster_report_path).read_text())
+               if cluster_report_path else None)
+    markdown = report_markdown(session_name, summary, cluster, timings)
+    (out / "report.md").write_text(markdown)
+    create_markdown_artifact(markdown=markdown, key=f"report-{_artifact_slug(session_name)}",
+                             description=f"driftlane report after session {session_name}")
+    return {"files": {name: str(out / name) for name in
+                      ("matrix.json", "timings.json", "matrix_ndcg10.png", "report.md")},
+            "summary": summary}
+
+
+def _read_json(url: str) -> dict:
+    with fsspec.open(url, "r") as f:
+        return json.load(f)
+
+
+def _artifact_slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "session"

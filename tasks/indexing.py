@@ -1,11 +1,18 @@
-"""Faiss index over the corpus seen so far (DESIGN step 9; exact search for now).
+"""Faiss index over the corpus seen so far (DESIGN step 9).
 
 Vectors are L2-normalized, so inner product is cosine similarity. Row i of the index is
 the document `ids[i]` (session name, doc id); the id table is stored beside the index.
+
+The index family follows the corpus size (`choose_index`): exact (flat inner product) for
+small corpora; IVF-Flat with nlist = c * sqrt(N), c in [4, 16] (the Faiss guideline); past
+about a million vectors IVF with 4-bit PQ fast-scan codes and an exact re-ranking of the
+candidates ("IVF<nlist>,PQ<m>x4fs,RFlat").
 """
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +20,10 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from infra.caching import cache_key_for, stage_output_dir
+from infra.config import EmbeddingConfig, IndexConfig, IndexKind
 from infra.faults import crash_point
 from infra.io import read_npy, read_parquet
+from tasks.embedding import EmbeddingCache, document_text, embed_with_cache, load_encoder
 
 try:
     import faiss
@@ -22,7 +31,7 @@ except ImportError as exc:  # faiss-cpu and faiss-gpu are extras: exactly one is
     raise ImportError("driftlane needs Faiss: pip install 'driftlane[cpu]' "
                       "(or 'driftlane[gpu]' for faiss-gpu)") from exc
 
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"
 
 
 def build_exact_index(vectors: np.ndarray) -> faiss.Index:
@@ -30,6 +39,40 @@ def build_exact_index(vectors: np.ndarray) -> faiss.Index:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
+    return index
+
+
+def choose_index(n: int, config: IndexConfig) -> str:
+    """Faiss factory string for `n` vectors under `config` (see the module docstring)."""
+    kind = config.kind
+    if kind == IndexKind.auto:
+        kind = (IndexKind.exact if n < config.exact_below
+                else IndexKind.ivf if n < config.pq_from else IndexKind.ivfpq)
+    if kind == IndexKind.exact:
+        return "Flat"
+    # at least 39 training points per list (Faiss warns below), at least one list
+    nlist = max(1, min(int(round(config.nlist_per_sqrt_n * math.sqrt(n))), n // 39))
+    if kind == IndexKind.ivf:
+        return f"IVF{nlist},Flat"
+    return f"IVF{nlist},PQ{{m}}x4fs,RFlat"
+
+
+def build_index_from_factory(vectors: np.ndarray, factory: str, nprobe: int,
+                             seed: int = 0) -> faiss.Index:
+    """Train (when needed) and fill an inner-product index described by `factory`."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    if "{m}" in factory:  # PQ sub-quantizers: dim / 2, a divisor of dim
+        factory = factory.format(m=max(m for m in range(1, dim // 2 + 1) if dim % m == 0))
+    if factory == "Flat":
+        return build_exact_index(vectors)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    train = vectors if len(vectors) <= 256 * 1024 else vectors[
+        np.sort(rng.choice(len(vectors), 256 * 1024, replace=False))]
+    index.train(train)
+    index.add(vectors)
+    faiss.extract_index_ivf(index).nprobe = nprobe
     return index
 
 
@@ -45,8 +88,10 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 
 @task(cache_key_fn=cache_key_for("index", INDEX_VERSION), persist_result=True,
       result_serializer="json", task_run_name="index {session_name}")
-def build_index(session_name: str, sources: list[dict], scratch_dir: str) -> dict:
-    """Build the exact index over every session's document vectors."""
+def build_index(session_name: str, sources: list[dict], config: IndexConfig,
+                scratch_dir: str) -> dict:
+    """Build the index over every session's document vectors."""
+    started = time.perf_counter()
     out = stage_output_dir("index", INDEX_VERSION, scratch_dir)
     blocks, ids = [], []
     for src in sources:
@@ -57,14 +102,48 @@ def build_index(session_name: str, sources: list[dict], scratch_dir: str) -> dic
                              f"{len(doc_ids)} documents")
         blocks.append(vectors)
         ids.append(pd.DataFrame({"session": src["session"], "doc_id": doc_ids}))
-    index = build_exact_index(np.concatenate(blocks))
+    vectors = np.concatenate(blocks)
+    factory = choose_index(len(vectors), config)
+    index = build_index_from_factory(vectors, factory, config.nprobe)
     crash_point("index.write")
     _write_index(index, out / "index.faiss")
     pd.concat(ids, ignore_index=True).to_parquet(out / "index_ids.parquet", index=False)
-    get_run_logger().info("exact index over %d documents from %d sessions",
+    get_run_logger().info("index %s over %d documents from %d sessions", factory,
                           index.ntotal, len(sources))
     return {"index_path": str(out / "index.faiss"), "ids_path": str(out / "index_ids.parquet"),
-            "n_docs": int(index.ntotal)}
+            "n_docs": int(index.ntotal), "factory": factory,
+            "seconds": time.perf_counter() - started}
+
+
+@task(cache_key_fn=cache_key_for("reembed", INDEX_VERSION), persist_result=True,
+      result_serializer="json", task_run_name="re-embed corpus after {session_name}")
+def reembed_sources(session_name: str, sources: list[dict], embedding: EmbeddingConfig,
+                    model_version: str, cache_url: str, scratch_dir: str) -> list[dict]:
+    """Sources whose vectors come from another model get vectors of `model_version`."""
+    started = time.perf_counter()
+    logger = get_run_logger()
+    out = stage_output_dir("reembed", INDEX_VERSION, scratch_dir)
+    stale = [src for src in sources if src["model_version"] != model_version]
+    if not stale:
+        return sources
+    model = load_encoder(embedding.model, embedding.device)
+    cache = EmbeddingCache(cache_url, model_version, embedding.chunking)
+    updated, n_embedded = [], 0
+    for src in sources:
+        if src["model_version"] == model_version:
+            updated.append(src)
+            continue
+        docs = read_parquet(src["docs_url"])
+        texts = [document_text(t, x) for t, x in zip(docs["title"], docs["text"], strict=True)]
+        embedded, fresh = embed_with_cache(model, texts, embedding.chunking, cache,
+                                           batch_size=embedding.batch_size)
+        n_embedded += fresh
+        path = out / f"{src['session']}.npy"
+        np.save(path, embedded.vectors, allow_pickle=False)
+        updated.append({**src, "vectors_url": str(path), "model_version": model_version})
+    logger.info("re-embedded %d documents of %d sessions with model %s (%.0f s)", n_embedded,
+                len(stale), model_version, time.perf_counter() - started)
+    return updated
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:

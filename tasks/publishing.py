@@ -24,6 +24,8 @@ from tasks.ingest import SessionFormatError, session_digest, validate_session
 
 PUBLISH_LOCK_WAIT_S = 120.0
 MEMORY_STATE = "memory/state.json"
+MODEL_WEIGHTS = "model/model.safetensors"
+QUERY_BUFFER = "training/query_buffer.parquet"
 PUBLISH_LOCK_LEASE_S = 60.0
 
 # Files every published session holds, and where in the stage outputs they come from.
@@ -35,6 +37,7 @@ SESSION_FILES = {
     "index.faiss": ("index", "index_path"),
     "index_ids.parquet": ("index", "ids_path"),
     "metrics.json": ("evaluation", "metrics_path"),
+    "runs.parquet": ("evaluation", "runs_path"),
 }
 
 
@@ -50,6 +53,8 @@ def published_sources(store: Store, manifests: list[SessionManifest]) -> list[di
             "queries_url": store.session_url(m, "queries.parquet"),
             "qrels_url": store.session_url(m, "qrels.parquet"),
             "qrels_sha256": m.files["qrels.parquet"]["sha256"],
+            "metrics_url": store.session_url(m, "metrics.json"),
+            "model_version": m.model_version,
         })
     return sources
 
@@ -62,6 +67,67 @@ def previous_memory(store: Store, manifests: list[SessionManifest]) -> dict | No
     return {"url": store.session_url(last, "memory"), "session": last.name,
             "state_sha256": last.files[MEMORY_STATE]["sha256"],
             "memory_sha256": last.files["memory/memory.parquet"]["sha256"]}
+
+
+def previous_model(store: Store, manifests: list[SessionManifest]) -> dict | None:
+    """The latest session's fine-tuned model: {url, version, session}, or None."""
+    if not manifests:
+        return None
+    version = manifests[-1].model_version
+    # a session that did not train keeps the model of the session that trained it last
+    for m in reversed(manifests):
+        if MODEL_WEIGHTS in m.files and m.model_version == version:
+            return {"url": store.session_url(m, "model"), "version": version,
+                    "session": m.name}
+    return None  # the base model
+
+
+def previous_training(store: Store, manifests: list[SessionManifest]) -> dict | None:
+    """The latest query buffer (training/query_buffer.parquet) and its reservoir counter."""
+    for m in reversed(manifests):
+        if QUERY_BUFFER in m.files:
+            sampling = store.read_json(m, "training/sampling.json")
+            return {"query_buffer_url": store.session_url(m, QUERY_BUFFER),
+                    "query_buffer_sha256": m.files[QUERY_BUFFER]["sha256"],
+                    "buffer_seen": sampling["buffer_seen"]}
+    return None
+
+
+def stage_timings(embedded: dict, memory: dict | None, sampled: dict | None,
+                  trained: dict | None, sources: list[dict], index: dict,
+                  evaluation: dict) -> dict[str, float]:
+    """Wall seconds per stage of this run (a cached stage counts what it cost when it ran)."""
+    def seconds(result: dict | None) -> float:
+        return float(result.get("seconds", 0.0)) if result else 0.0
+
+    timings = {
+        "embedding": seconds(embedded),
+        "clustering": seconds(memory),
+        "training": seconds(sampled) + seconds(trained),
+        "indexing": seconds(index),
+        "evaluation": seconds(evaluation),
+    }
+    timings["total"] = sum(timings.values())
+    return timings
+
+
+def training_files(sampled: dict | None, trained: dict | None) -> dict[str, str]:
+    """What a session publishes of its training: examples, query buffer, model, logs."""
+    files: dict[str, str] = {}
+    if sampled is not None:
+        files.update({"training/examples.parquet": sampled["examples_path"],
+                      "training/sampling.json": sampled["summary_path"],
+                      QUERY_BUFFER: sampled["query_buffer_path"]})
+    if trained is not None and trained["trained"]:
+        model = Path(trained["model_path"])
+        files.update({f"model/{p.relative_to(model).as_posix()}": str(p)
+                      for p in sorted(model.rglob("*")) if p.is_file()})
+        files["training/training.json"] = trained["summary_path"]
+        if trained.get("tensorboard_dir") and Path(trained["tensorboard_dir"]).is_dir():
+            logs = Path(trained["tensorboard_dir"])
+            files.update({f"training/tensorboard/{p.relative_to(logs).as_posix()}": str(p)
+                          for p in sorted(logs.rglob("*")) if p.is_file()})
+    return files
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -95,13 +161,15 @@ def plan_session(session_url: str, store_url: str, scratch_base: str | None) -> 
     return {**plan, "status": "new", "index": len(manifests),
             "previous": published_sources(store, manifests),
             "previous_memory": previous_memory(store, manifests),
+            "previous_model": previous_model(store, manifests),
+            "previous_training": previous_training(store, manifests),
             "scratch_dir": scratch_for(store, scratch_base)}
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="publish {plan[name]}")
 def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, evaluation: dict,
                     config: SessionConfig, model_version: str,
-                    memory: dict | None = None) -> dict:
+                    memory: dict | None = None, extra_files: dict[str, str] | None = None) -> dict:
     """Publish the session's outputs; the manifest is written last."""
     store = Store(plan["store_url"])
     outputs = {"ingested": ingested, "embedded": embedded, "index": index,
@@ -117,6 +185,9 @@ def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, eva
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             _place(Path(path), folder / rel)
         summary = {k: memory[k] for k in summary}
+    for rel, path in (extra_files or {}).items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        _place(Path(path), folder / rel)
     (folder / "config.json").write_text(
         json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True))
     manifest = SessionManifest(

@@ -766,6 +766,8 @@ def sample_session(
                 seed=[*seed, _SPANS], source="new"))
     new = _concat_examples(parts)
     n_replay = replay_count(len(new), config.replay_ratio)
+    if config.replay_all:  # every buffered query, no past-document examples
+        n_replay = 0 if query_buffer is None else len(query_buffer)
     if n_replay:
         buffer = query_buffer if query_buffer is not None else empty_query_buffer()
         vectors = (buffer_vectors if buffer_vectors is not None

@@ -32,7 +32,8 @@ without pickle, JSON), the cluster-size plot and the Prefect task wrapper come l
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from infra.caching import cache_key_for, stage_output_dir
-from infra.config import ClusterRepresentation, MemoryConfig, PrototypeConfig
+from infra.config import ClusterRepresentation, EmbeddingConfig, MemoryConfig, PrototypeConfig
 from infra.io import read_npy, read_parquet
 from tasks.cluster_ids import apply_mapping, issue_cluster_ids, match_clusters
 from tasks.cluster_quality import cluster_report
+from tasks.embedding import EmbeddingCache, doc_texts_of, embed_with_cache, load_encoder
 from tasks.memory import (
     MEMORY_COLUMNS,
     CentroidTable,
@@ -496,6 +498,7 @@ def update_session_memory(session_name: str, ingested: dict, embedded: dict,
                           previous_memory: dict | None, memory: MemoryConfig,
                           scratch_dir: str) -> dict:
     """Warm up or update the clustered memory with the session's documents."""
+    started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("memory", MEMORY_VERSION, scratch_dir)
     docs = read_parquet(ingested["docs_path"])
@@ -536,7 +539,57 @@ def update_session_memory(session_name: str, ingested: dict, embedded: dict,
     files["cluster_sizes.png"] = str(out / "cluster_sizes.png")
     return {"files": files, "n_clusters": update.report["n_clusters"],
             "memory_size": update.report["memory_size"], "memory_budget": memory.budget,
-            "n_assigned": int(len(clusters))}
+            "n_assigned": int(len(clusters)), "seconds": time.perf_counter() - started}
+
+
+def reembedded_state(state: MemoryState, vectors: np.ndarray, tokens: np.ndarray,
+                     offsets: np.ndarray, spec: PrototypeSpec,
+                     planes: dict[str, np.ndarray]) -> MemoryState:
+    """The state after the encoder changed: members' vectors and tokens from the new model.
+
+    Centroids and statistics are refreshed from the re-embedded members (clusters without a
+    member keep their centroid), the running statistics restart from the members, and the
+    cluster prototypes are rebuilt from the members, since old contributions came from
+    another model.
+    """
+    space = cluster_space(vectors, tokens, offsets, state.representation, spec, planes)
+    refreshed = refresh_memory(state.memory, space, state.centroids, state.stats)
+    protos = document_prototypes(split_tokens(tokens, offsets), spec, planes)
+    sums, counts = cluster_prototype_sums(
+        protos, state.memory["cluster_id"].to_numpy(np.int64), state.next_cluster_id)
+    return replace(state, memory=refreshed.memory, vectors=vectors.astype(np.float32),
+                   tokens=tokens.astype(np.float16), token_offsets=offsets,
+                   centroids=refreshed.centroids, stats=refreshed.stats,
+                   prototype_sums=sums, prototype_counts=counts)
+
+
+@task(cache_key_fn=cache_key_for("memory-reembed", MEMORY_VERSION), persist_result=True,
+      result_serializer="json", task_run_name="re-embed memory after {session_name}")
+def reembed_memory(session_name: str, memory: dict, docs_urls: dict[str, str],
+                   embedding: EmbeddingConfig, model_version: str, cache_url: str,
+                   scratch_dir: str) -> dict:
+    """Re-embed the memory documents with the session's new model."""
+    started = time.perf_counter()
+    out = stage_output_dir("memory-reembed", MEMORY_VERSION, scratch_dir)
+    state, spec, planes = load_memory_state(str(Path(memory["files"]["memory/state.json"]).parent))
+    keys = state.memory["doc_key"].to_numpy(dtype=object)
+    texts = doc_texts_of(state.memory["session"].tolist(), docs_urls)
+    model = load_encoder(embedding.model, embedding.device)
+    cache = EmbeddingCache(cache_url, model_version, embedding.chunking, True)
+    embedded, _ = embed_with_cache(model, texts.loc[keys].tolist(), embedding.chunking, cache,
+                                   batch_size=embedding.batch_size, keep_token_embeddings=True)
+    arrays = embedded.token_embeddings or []
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+    tokens = (np.concatenate(arrays) if arrays
+              else np.zeros((0, embedded.vectors.shape[1]), np.float16))
+    new_state = reembedded_state(state, embedded.vectors, tokens, offsets, spec, planes)
+    state_dir = out / "memory"
+    save_memory_state(state_dir, new_state, spec, planes)
+    files = {**memory["files"], **{f"memory/{p.relative_to(state_dir).as_posix()}": str(p)
+                                   for p in sorted(state_dir.rglob("*")) if p.is_file()}}
+    get_run_logger().info("re-embedded %d memory documents with model %s", len(keys),
+                          model_version)
+    return {**memory, "files": files, "seconds": time.perf_counter() - started}
 
 
 def _artifact_key(session_name: str) -> str:

@@ -44,12 +44,21 @@ def task_states(state, expected: tuple[str, ...] = (*CACHED_STAGES, "plan", "pub
             time.sleep(0.2)
 
 
+# Wall-clock records differ between any two runs: stage timings (and the report that shows
+# them) and TensorBoard event files (named after host and time).
+VOLATILE = ("timings.json", "report.md", "training/tensorboard/")
+
+
 def published_files(store_dir) -> dict[str, bytes]:
-    """Published session files, without the manifests' creation times."""
+    """Published session files, without the manifests' creation times and wall-clock records."""
     files = snapshot(store_dir / "sessions")
+    files = {n: b for n, b in files.items()
+             if not any(n.split("/", 1)[-1].startswith(v) for v in VOLATILE)}
     for name in [n for n in files if n.endswith("manifest.json")]:
         manifest = json.loads(files[name])
         manifest.pop("created_at")
+        manifest["files"] = {k: v for k, v in manifest["files"].items()
+                             if not k.startswith(VOLATILE)}
         files[name] = json.dumps(manifest, sort_keys=True).encode()
     return files
 

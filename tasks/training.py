@@ -1,0 +1,185 @@
+"""The training stage of a session as two cached Prefect tasks (DESIGN steps 7-8).
+
+`sample_training` builds the candidate pool (the memory after this session's update, plus the
+session's documents eviction left out), embeds the training queries and the query buffer with
+the model the session started from, samples examples (`tasks.sampling.sample_session`), plans
+the batches and updates the query buffer. `fine_tune_session` trains on them
+(`tasks.finetune.fine_tune`). Two tasks, so a failed fine-tune retries without sampling again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger, task
+
+from infra.caching import cache_key_for, stage_output_dir
+from infra.config import EmbeddingConfig, FinetuneConfig, SamplingConfig, SamplingMode
+from infra.faults import crash_point
+from infra.io import read_npy, read_parquet
+from tasks.embedding import EmbeddingCache, doc_texts_of, embed_with_cache, load_encoder
+from tasks.finetune import FINETUNE_VERSION, fine_tune
+from tasks.memory import next_stream_index
+from tasks.prototypes import query_prototypes
+from tasks.sampling import (
+    RaggedTokens,
+    empty_query_buffer,
+    plan_batches,
+    query_buffer_rows,
+    sample_session,
+    training_budget,
+    training_queries,
+    training_texts,
+    update_query_buffer,
+)
+from tasks.session_memory import load_memory_state, split_tokens, take_ragged
+
+SAMPLE_VERSION = "1"
+
+
+def _embed(texts: list[str], embedding: EmbeddingConfig, model_version: str, cache_url: str,
+           tokens: bool) -> tuple[np.ndarray, RaggedTokens | None]:
+    model = load_encoder(embedding.model, embedding.device)
+    cache = EmbeddingCache(cache_url, model_version, embedding.chunking, tokens)
+    embedded, _ = embed_with_cache(model, texts, embedding.chunking, cache,
+                                   batch_size=embedding.batch_size, keep_token_embeddings=tokens)
+    if not tokens:
+        return embedded.vectors, None
+    arrays = embedded.token_embeddings or []
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+    stacked = (np.concatenate(arrays) if arrays
+               else np.zeros((0, embedded.vectors.shape[1]), np.float16))
+    return embedded.vectors, RaggedTokens(stacked, offsets)
+
+
+@task(cache_key_fn=cache_key_for("sample", SAMPLE_VERSION), persist_result=True,
+      result_serializer="json", task_run_name="sample {session_name}")
+def sample_training(session_name: str, ingested: dict, embedded: dict, memory: dict,
+                    docs_urls: dict[str, str], previous_training: dict | None,
+                    sampling: SamplingConfig, finetune: FinetuneConfig,
+                    embedding: EmbeddingConfig, model_version: str, cache_url: str,
+                    scratch_dir: str) -> dict:
+    """Sample the session's training examples and plan its batches."""
+    started = time.perf_counter()
+    logger = get_run_logger()
+    out = stage_output_dir("sample", SAMPLE_VERSION, scratch_dir)
+    state, spec, planes = load_memory_state(str(Path(memory["files"]["memory/state.json"]).parent))
+    selfsup = sampling.mode == SamplingMode.self_supervised
+
+    # the pool: memory after this session's update, plus new documents eviction left out
+    docs = read_parquet(ingested["docs_path"])
+    new_keys = (session_name + "/" + docs["doc_id"].astype(str)).to_numpy(dtype=object)
+    outside = ~pd.Index(new_keys).isin(state.memory["doc_key"])
+    new_clusters = state.assignments.set_index("doc_key")["cluster_id"]
+    extra = pd.DataFrame({"doc_key": new_keys[outside],
+                          "cluster_id": new_clusters.loc[new_keys[outside]].to_numpy(np.int64),
+                          "session": session_name})
+    pool = pd.concat([state.memory[["doc_key", "cluster_id", "session"]], extra],
+                     ignore_index=True)
+    new_vectors = read_npy(embedded["vectors_path"])
+    pool_vectors = np.concatenate([state.vectors, new_vectors[outside]])
+    doc_tokens = None
+    if selfsup:
+        new_tokens, new_offsets = take_ragged(read_npy(embedded["tokens_path"]),
+                                              read_npy(embedded["token_offsets_path"]),
+                                              np.flatnonzero(outside))
+        doc_tokens = RaggedTokens(np.concatenate([state.tokens, new_tokens]),
+                                  np.concatenate([state.token_offsets,
+                                                  new_offsets[1:] + state.token_offsets[-1]]))
+    doc_texts = doc_texts_of(pool["session"].tolist(), {**docs_urls,
+                                                        session_name: ingested["docs_path"]})
+
+    queries = training_queries(read_parquet(ingested["queries_path"]),
+                               read_parquet(ingested["qrels_path"]), session_name, sampling.mode)
+    query_vectors, query_tokens = _embed(queries["text"].tolist(), embedding, model_version,
+                                         cache_url, tokens=selfsup)
+    probe_vectors = None
+    if selfsup and state.representation == "prototypes":
+        probe_vectors = query_prototypes(split_tokens(query_tokens.tokens,
+                                                      query_tokens.offsets), spec, planes)
+    buffer, seen = empty_query_buffer(), 0
+    if previous_training is not None:
+        buffer = read_parquet(previous_training["query_buffer_url"])
+        seen = int(previous_training["buffer_seen"])
+    buffer_vectors, _ = _embed(buffer["query_text"].astype(str).tolist(), embedding,
+                               model_version, cache_url, tokens=False)
+
+    result = sample_session(
+        session_name, pool, pool_vectors, state.centroids, doc_texts, queries, query_vectors,
+        sampling, qrels=read_parquet(ingested["qrels_path"]), query_tokens=query_tokens,
+        doc_tokens=doc_tokens, query_buffer=buffer, buffer_vectors=buffer_vectors,
+        probe_vectors=probe_vectors)
+    for note in result.notes:
+        logger.info("session %s: %s", session_name, note)
+    examples = result.examples
+    budget = training_budget(len(examples), finetune)
+    plan = plan_batches(examples, finetune.batch_size, budget.steps,
+                        stratified=sampling.stratified_batches and result.fallback is None,
+                        mixed_fraction=sampling.curriculum_mixed_fraction, seed=sampling.seed)
+    texts = training_texts(examples, doc_texts)
+
+    rows = query_buffer_rows(examples, session_name, next_stream_index(buffer, seen))
+    buffer, seen = update_query_buffer(buffer, rows, sampling.query_buffer_budget, seen,
+                                       sampling.seed)
+    examples.to_parquet(out / "examples.parquet", index=False)
+    texts.to_parquet(out / "texts.parquet", index=False)
+    sizes = np.array([len(b) for b in plan.batches], dtype=np.int64)
+    np.save(out / "batches.npy", np.concatenate(plan.batches).astype(np.int64)
+            if len(plan.batches) else np.zeros(0, np.int64), allow_pickle=False)
+    np.save(out / "batch_sizes.npy", sizes, allow_pickle=False)
+    buffer.to_parquet(out / "query_buffer.parquet", index=False)
+    counts = examples.groupby(["source", "negative_kind"]).size()
+    summary = {"n_examples": len(examples), "steps": len(plan.batches),
+               "n_stratified_batches": int(plan.stratified.sum()),
+               "examples_by_source_and_negative": {f"{a}/{b}": int(n)
+                                                   for (a, b), n in counts.items()},
+               "fallback": result.fallback, "notes": list(result.notes),
+               "query_buffer_size": len(buffer), "buffer_seen": int(seen)}
+    (out / "sampling.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    logger.info("session %s: %d training examples in %d batches (%d stratified); query "
+                "buffer %d", session_name, len(examples), len(plan.batches),
+                summary["n_stratified_batches"], len(buffer))
+    return {**summary, "examples_path": str(out / "examples.parquet"),
+            "texts_path": str(out / "texts.parquet"), "batches_path": str(out / "batches.npy"),
+            "batch_sizes_path": str(out / "batch_sizes.npy"),
+            "query_buffer_path": str(out / "query_buffer.parquet"),
+            "summary_path": str(out / "sampling.json"),
+            "seconds": time.perf_counter() - started}
+
+
+@task(cache_key_fn=cache_key_for("finetune", FINETUNE_VERSION), persist_result=True,
+      result_serializer="json", task_run_name="fine-tune {session_name}")
+def fine_tune_session(session_name: str, sampled: dict, finetune: FinetuneConfig, start: dict,
+                      scratch_dir: str) -> dict:
+    """Fine-tune the session's starting model on its sampled examples."""
+    started = time.perf_counter()
+    logger = get_run_logger()
+    out = stage_output_dir("finetune", FINETUNE_VERSION, scratch_dir)
+    if sampled["steps"] == 0:
+        logger.warning("session %s: no training example, the model stays %s", session_name,
+                       start["version"])
+        return {"model_path": start["path"], "model_version": start["version"],
+                "trained": False, "steps": 0, "seconds": time.perf_counter() - started}
+    texts = read_parquet(sampled["texts_path"])
+    flat, sizes = read_npy(sampled["batches_path"]), read_npy(sampled["batch_sizes_path"])
+    batches = np.split(flat, np.cumsum(sizes)[:-1])
+    crash_point("train.start")
+    result = fine_tune(start["path"], texts, finetune, out, batch_order=batches)
+    crash_point("train.write")
+    # what the run did, without wall times or scratch paths: a rerun writes the same bytes
+    (out / "training.json").write_text(json.dumps(
+        {k: v for k, v in result.items()
+         if k not in ("model_path", "train_seconds", "tensorboard_dir")},
+        indent=2, sort_keys=True))
+    logger.info("session %s: %d steps, loss %.4f -> model %s (%.0f s)", session_name,
+                result["steps"], result["final_loss"], result["model_version"],
+                result["train_seconds"])
+    return {"model_path": result["model_path"], "model_version": result["model_version"],
+            "trained": True, "steps": result["steps"], "final_loss": result["final_loss"],
+            "summary_path": str(out / "training.json"),
+            "tensorboard_dir": result["tensorboard_dir"],
+            "seconds": time.perf_counter() - started}
