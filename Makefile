@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATASETS ?= ../shared/datasets
 DEMO_STORE ?= demo-store
+DEMO_STREAM ?= demo-stream
+DEMO_DATASETS ?= scifact cosqa cisi
 PREFECT_HOME ?= $(CURDIR)/.prefect
 PORT ?= 4200
 export HF_HUB_OFFLINE := 1
@@ -28,8 +30,10 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP) ## Create .venv/ (CPU torch first) if it is missing or stale
 
-demo: env ## Run a two-session stream (cisi, npl_vaswani) on real data into ./demo-store
-	$(BIN)/driftlane run-stream $(DATASETS)/cisi $(DATASETS)/npl_vaswani --store $(DEMO_STORE)
+demo: env ## Build a 3-session stream from real data and run every stage on it into ./demo-store
+	$(BIN)/driftlane make-stream $(DEMO_DATASETS) --datasets-dir $(DATASETS) \
+		--out $(DEMO_STREAM) --docs-per-session 150 --force
+	$(BIN)/driftlane run-stream $(DEMO_STREAM)/*/ --store $(DEMO_STORE) --config configs/demo.toml
 	$(BIN)/driftlane show --store $(DEMO_STORE)
 
 test: env ## Run the test suite (slow tests deselected)
@@ -52,4 +56,4 @@ server: env ## Start a local Prefect server on 127.0.0.1 (PORT=4200)
 	PREFECT_SERVER_API_PORT=$(PORT) $(BIN)/prefect server start
 
 clean: ## Remove the demo store and caches (not .venv)
-	rm -rf $(DEMO_STORE) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_STORE) $(DEMO_STREAM) .pytest_cache .ruff_cache

@@ -103,7 +103,10 @@ def store_summary(store: Store) -> dict:
             "memory_budget": m.summary.get("memory_budget"),
             "metrics": store.read_json(m, "metrics.json"),
         })
-    return {"store": store.url, "sessions": sessions}
+    from tasks.evaluation import continual_summary
+
+    stream = continual_summary([(s["name"], s["metrics"]) for s in sessions])
+    return {"store": store.url, "sessions": sessions, "stream": stream}
 
 
 @app.command("show")
@@ -132,6 +135,24 @@ def show(
                        f"{s['memory_budget']} documents")
         if s["metrics"]:
             _print_metrics(s["metrics"])
+    _print_matrix(summary["stream"])
+
+
+def _print_matrix(stream: dict) -> None:
+    """R[i][j] (nDCG@10 of session j after session i), then average and backward transfer."""
+    names = stream["sessions"]
+    if not names:
+        return
+    width = max(12, *(len(n) + 2 for n in names))
+    typer.echo("\nnDCG@10 after each session (rows) on each session (columns):")
+    typer.echo(" " * width + "".join(f"{n[:width - 2]:>{width}}" for n in names))
+    for name, row in zip(names, stream["matrix"]["ndcg@10"], strict=True):
+        cells = "".join(f"{'':>{width}}" if v is None else f"{v:>{width}.4f}" for v in row)
+        typer.echo(f"{name[:width - 2]:<{width}}" + cells)
+    for metric in ("ndcg@10", "success@5", "recall@10"):
+        avg, bwt = stream["avg"][metric], stream["bwt"][metric]
+        typer.echo(f"{metric:>10}: average {'-' if avg is None else f'{avg:.4f}'}  "
+                   f"backward transfer {'-' if bwt is None else f'{bwt:+.4f}'}")
 
 
 @app.command("make-stream")
@@ -216,6 +237,36 @@ def export_clusters(
         table.to_parquet(tmp, index=False)
     tmp.replace(out)
     typer.echo(f"{len(table)} documents in {table['cluster_id'].nunique()} clusters -> {out}")
+
+
+@app.command("bench")
+def bench(
+    config: Annotated[str, typer.Option("--config", metavar="[small|gpu]", help="small: a "
+                      "subsampled 4-session stream, 1 seed, within an hour on 2 CPU cores; "
+                      "gpu: the full default stream, 3 seeds, on one GPU.")] = "small",
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Where the JSON, Markdown "
+                       "and PNG results go (default: benchmarks/results).")] = None,
+    work: Annotated[Path | None, typer.Option("--work", help="Stream, stores, scratch and "
+                    "logs (default: ~/.cache/driftlane/bench/<config>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the method/seed runs an "
+                      "interrupted run of the same configuration finished.")] = False,
+) -> None:
+    """Run the continual benchmark: driftlane against its baselines (benchmarks/continual.py)."""
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "benchmarks" / "continual.py").exists():
+        _fail("the benchmark ships with the source checkout (benchmarks/continual.py), not "
+              "with the installed package; run it from a checkout")
+    if config not in ("small", "gpu"):
+        _fail(f"--config must be small or gpu, got {config!r}")
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    from benchmarks.continual import main as run_benchmark
+
+    argv = ["--config", config]
+    argv += ["--out-dir", str(out_dir)] if out_dir else []
+    argv += ["--work", str(work)] if work else []
+    argv += ["--resume"] if resume else []
+    run_benchmark(argv)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -45,6 +45,7 @@ from prefect.artifacts import create_table_artifact
 
 from infra.caching import cache_key_for, stage_output_dir
 from infra.config import ClusterRepresentation, EmbeddingConfig, MemoryConfig, PrototypeConfig
+from infra.faults import crash_point
 from infra.io import read_npy, read_parquet
 from tasks.cluster_ids import apply_mapping, issue_cluster_ids, match_clusters
 from tasks.cluster_quality import cluster_report
@@ -520,6 +521,7 @@ def update_session_memory(session_name: str, ingested: dict, embedded: dict,
     for note in update.notes:
         logger.info("session %s: %s", session_name, note)
 
+    crash_point("memory.write")
     state_dir = out / "memory"
     save_memory_state(state_dir, update.state, spec, planes)
     clusters = update.state.assignments
@@ -564,7 +566,7 @@ def reembedded_state(state: MemoryState, vectors: np.ndarray, tokens: np.ndarray
 
 
 @task(cache_key_fn=cache_key_for("memory-reembed", MEMORY_VERSION), persist_result=True,
-      result_serializer="json", task_run_name="re-embed memory after {session_name}")
+      result_serializer="json", task_run_name="re-embed-memory after {session_name}")
 def reembed_memory(session_name: str, memory: dict, docs_urls: dict[str, str],
                    embedding: EmbeddingConfig, model_version: str, cache_url: str,
                    scratch_dir: str) -> dict:

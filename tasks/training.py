@@ -175,8 +175,8 @@ def fine_tune_session(session_name: str, sampled: dict, finetune: FinetuneConfig
         {k: v for k, v in result.items()
          if k not in ("model_path", "train_seconds", "tensorboard_dir")},
         indent=2, sort_keys=True))
-    logger.info("session %s: %d steps, loss %.4f -> model %s (%.0f s)", session_name,
-                result["steps"], result["final_loss"], result["model_version"],
+    logger.info("session %s: %d steps, mean loss %.4f -> model %s (%.0f s)", session_name,
+                result["steps"], result["mean_loss"], result["model_version"],
                 result["train_seconds"])
     return {"model_path": result["model_path"], "model_version": result["model_version"],
             "trained": True, "steps": result["steps"], "final_loss": result["final_loss"],

@@ -51,7 +51,8 @@ def prefect_harness():
 
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
                              PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-        with prefect_test_harness():
+        # a loaded 2-core machine can take longer than the 30 s default to start the server
+        with prefect_test_harness(server_startup_timeout=180):
             yield
 
 

@@ -35,7 +35,8 @@ def test_run_stream_then_show_json(tmp_path, real_sessions):
     store = tmp_path / "store"
     config = tmp_path / "driftlane.toml"
     config.write_text("[embedding]\nbatch_size = 16\n[embedding.chunking]\nwindow_tokens = 128\n"
-                      "overlap_tokens = 32\n")
+                      "overlap_tokens = 32\n[finetune]\nmax_seq_length = 32\nbatch_size = 8\n"
+                      "max_steps = 2\n")
     result = run_cli("run-stream", *map(str, real_sessions), "--store", str(store),
                      "--config", str(config))
     assert result.exit_code == 0, result.output

@@ -23,8 +23,9 @@ from infra.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 DRIFTLANE = str(Path(sys.executable).parent / "driftlane")
-KILL_POINTS = ["embed.start", "index.write", "evaluate.write", "publish.stage.file",
-               "publish.manifest"]
+# embedding, clustering, training, index writing, publishing (mid-upload, before the manifest)
+KILL_POINTS = ["embed.start", "memory.write", "train.start", "index.write",
+               "publish.stage.file", "publish.manifest"]
 
 
 def cli(*args: str, scratch: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:

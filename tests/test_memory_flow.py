@@ -33,7 +33,8 @@ def stream_store(tmp_path_factory, three_sessions, prefect_harness):
     root = tmp_path_factory.mktemp("memstore")
     config = root / "driftlane.toml"
     config.write_text("[embedding]\nbatch_size = 16\n[embedding.chunking]\nwindow_tokens = 96\n"
-                      f"overlap_tokens = 16\n[memory]\nbudget = {BUDGET}\nk_max = 6\n")
+                      f"overlap_tokens = 16\n[memory]\nbudget = {BUDGET}\nk_max = 6\n"
+                      "[finetune]\nmax_seq_length = 32\nbatch_size = 8\nmax_steps = 2\n")
     store = root / "store"
     result = run_cli("run-stream", *map(str, three_sessions), "--store", str(store),
                      "--config", str(config))

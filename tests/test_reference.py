@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 
 from flows.session import session_flow
-from infra.config import ChunkingConfig, EmbeddingConfig, SessionConfig, WindowPooling
+from infra.config import (
+    ChunkingConfig,
+    EmbeddingConfig,
+    FinetuneConfig,
+    MemoryConfig,
+    SessionConfig,
+    WindowPooling,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "scratch")
 
@@ -21,8 +28,11 @@ CISI_REFERENCE = {"ndcg@10": 0.4207, "success@5": 0.8289, "recall@10": 0.1282,
 
 
 def test_cisi_zero_shot_matches_the_reference(tmp_path, datasets_dir):
-    config = SessionConfig(embedding=EmbeddingConfig(
-        batch_size=64, chunking=ChunkingConfig(window_tokens=256, pooling=WindowPooling.first)))
+    # zero-shot: no memory, no fine-tuning, as REFERENCE.md measured it
+    config = SessionConfig(
+        embedding=EmbeddingConfig(batch_size=64, chunking=ChunkingConfig(
+            window_tokens=256, pooling=WindowPooling.first)),
+        memory=MemoryConfig(enabled=False), finetune=FinetuneConfig(enabled=False))
     summary = session_flow(str(datasets_dir / "cisi"), str(tmp_path / "store"), config)
     metrics = summary["metrics"]["cisi"]
     assert metrics["n_queries"] == 76

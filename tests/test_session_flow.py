@@ -22,7 +22,8 @@ from tasks.ingest import SessionFormatError
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "scratch")
 
-CACHED_STAGES = ("ingest", "embed", "index", "evaluate")
+CACHED_STAGES = ("ingest", "embed", "memory", "sample", "fine-tune", "re-embed-corpus", "index",
+                 "evaluate")
 
 
 def task_states(state, expected: tuple[str, ...] = (*CACHED_STAGES, "plan", "publish"),
@@ -147,7 +148,7 @@ def test_changing_chunking_reruns_embedding_and_later_stages_not_ingest(tmp_path
     second = session_flow(str(sessions[0]), str(store_dir), chunked, return_state=True)
     states = task_states(second)
     assert states["ingest"] == "Cached"
-    assert {states[s] for s in ("embed", "index", "evaluate")} == {"Completed"}
+    assert {states[s] for s in ("embed", "memory", "index", "evaluate")} == {"Completed"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,87 @@
+"""Fine-tuning through the flow: a trained model lands in the store and the next session
+starts from it; retraining with the same inputs is a cache hit; the matrix covers the stream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from typer.testing import CliRunner
+
+from flows.session import session_flow
+from infra.cli import app
+from infra.config import SessionConfig
+from infra.store import Store
+from infra.stream_builder import build_stream
+from tasks.embedding import model_version, resolve_model_path
+
+pytestmark = pytest.mark.usefixtures("prefect_harness", "scratch")
+
+CONFIG = SessionConfig.model_validate({
+    "embedding": {"batch_size": 16, "chunking": {"window_tokens": 64, "overlap_tokens": 16}},
+    "memory": {"budget": 60, "k_max": 4},
+    "finetune": {"max_seq_length": 32, "batch_size": 4, "max_steps": 1, "warmup_ratio": 0.0,
+                 "learning_rate": 1e-4},
+})
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory, datasets_dir):
+    out = tmp_path_factory.mktemp("stream") / "s"
+    build_stream(["scifact", "cosqa"], out, docs_per_session=30, queries_per_session=8,
+                 datasets_dir=str(datasets_dir))
+    return sorted(p for p in out.iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory, stream, prefect_harness):
+    store = tmp_path_factory.mktemp("trained") / "store"
+    results = [session_flow(str(s), str(store), CONFIG) for s in stream]
+    return store, results
+
+
+def test_each_session_publishes_a_trained_model_the_next_one_starts_from(trained_store):
+    store_dir, results = trained_store
+    store = Store(str(store_dir))
+    first, second = store.sessions()
+    base = resolve_model_path("default")
+    assert first.model_version != model_version(base)
+    assert second.model_version != first.model_version
+    # the published weights are the model the manifest names, bit for bit
+    folder = Path(store.session_url(first, "model"))
+    assert model_version(str(folder)) == first.model_version
+    weights = load_file(str(folder / "model.safetensors"))
+    base_weights = load_file(str(Path(base) / "model.safetensors"))
+    changed = [k for k in weights if not np.array_equal(weights[k], base_weights[k])]
+    assert changed, "one step of fine-tuning changed no weight"
+    training = store.read_json(first, "training/training.json")
+    assert training["steps"] == 1
+    assert results[1]["model_version"] == second.model_version
+    assert "training/query_buffer.parquet" in second.files
+
+
+def test_matrix_covers_the_stream(trained_store):
+    store_dir, _ = trained_store
+    shown = CliRunner().invoke(app, ["show", "--store", str(store_dir), "--json"])
+    stream = json.loads(shown.output)["stream"]
+    r = stream["matrix"]["ndcg@10"]
+    assert len(r) == 2 and r[0][1] is None and all(v is not None for v in r[1])
+    assert stream["bwt"]["ndcg@10"] == pytest.approx(r[1][0] - r[0][0])
+    text = CliRunner().invoke(app, ["show", "--store", str(store_dir)]).output
+    assert "backward transfer" in text
+    store = Store(str(store_dir))
+    last = store.sessions()[-1]
+    matrix = store.read_json(last, "matrix.json")
+    assert matrix["matrix"]["ndcg@10"] == r
+    timings = store.read_json(last, "timings.json")
+    assert timings["training"] > 0 and timings["embedding"] > 0
+
+
+def test_training_is_reproducible(trained_store, stream, tmp_path):
+    """The same session and seeds into a fresh store train the same model, bit for bit."""
+    _, results = trained_store
+    again = session_flow(str(stream[0]), str(tmp_path / "again"), CONFIG)
+    assert again["model_version"] == results[0]["model_version"]
