@@ -54,7 +54,10 @@ def _reference_encoding(tokens: np.ndarray, spec: PrototypeSpec, planes: dict,
             if spec.projection_dim is not None:
                 block = block @ planes["projection"][rep].astype(np.float64)
             blocks.append(block)
-    return np.concatenate(blocks)
+    encoding = np.concatenate(blocks)
+    if document_side and len(tokens):
+        encoding = encoding / np.linalg.norm(encoding)
+    return encoding
 
 
 @pytest.mark.parametrize("spec", [SMALL, PROJECTED])
@@ -84,8 +87,10 @@ def test_hand_built_buckets_mean_sum_and_hamming_fill():
     assert simhash_buckets(tokens, planes["simhash"][0]).tolist() == [3, 3, 1]
     doc = document_prototypes([tokens], spec, planes).reshape(4, 2)
     # Bucket 0 (00) is 1 bit from bucket 1 (t2), 2 bits from bucket 3; bucket 2 (10) is 1 bit
-    # from bucket 3, where t0 and t1 tie and the first token wins.
-    np.testing.assert_allclose(doc, [t2, t2, t0, [0.7, 0.7]], atol=1e-6)
+    # from bucket 3, where t0 and t1 tie and the first token wins. Then the whole encoding is
+    # divided by its norm (sqrt(1 + 1 + 1 + 0.98)).
+    blocks = np.array([t2, t2, t0, [0.7, 0.7]])
+    np.testing.assert_allclose(doc, blocks / np.linalg.norm(blocks), atol=1e-6)
     query = query_prototypes([tokens], spec, planes).reshape(4, 2)
     np.testing.assert_allclose(query, [[0, 0], t2, [0, 0], [1.4, 1.4]], atol=1e-6)
 
@@ -182,3 +187,24 @@ def test_prototype_inner_product_tracks_maxsim_on_clustered_tokens():
     assert np.mean(ranks) > 0.9
     best_rank = [int((a > a[np.argmax(e)]).sum()) for a, e in zip(approx, exact, strict=True)]
     assert np.median(best_rank) < 5
+
+
+def test_document_normalization_keeps_long_varied_documents_in_the_ranking():
+    """A long document of varied tokens holds the query's best matches (highest MaxSim), but
+    its bucket centroids are short; a short document of one repeated, weaker match has a
+    full-length centroid. Document encodings are unit vectors, so the long document still
+    ranks first, as under MaxSim; without the normalization it would rank last."""
+    spec = PrototypeSpec(n_bits=1, n_repetitions=1, projection_dim=None, seed=0, dim=3)
+    planes = {"simhash": np.array([[[1.0], [0.0], [0.0]]], dtype=np.float32)}  # bit: x > 0
+    query = np.array([[1.0, 0.0, 0.0]], dtype=np.float32)
+    angles = np.linspace(-1.2, 1.2, 9)
+    varied = np.c_[np.cos(angles), np.sin(angles), np.zeros(9)]  # best match: cos 0 = 1
+    varied = np.r_[varied, [[-1.0, 0.0, 0.0]]].astype(np.float32)  # fills the other bucket
+    weak = np.tile([[0.8, 0.6, 0.0], [-1.0, 0.0, 0.0]], (3, 1)).astype(np.float32)  # cos 0.8
+    docs = [varied, weak]
+    exact = maxsim_matrix([query], docs)[0]
+    assert exact[0] > exact[1]
+    protos = document_prototypes(docs, spec, planes)
+    np.testing.assert_allclose(np.linalg.norm(protos, axis=1), 1.0, atol=1e-6)
+    approx = (query_prototypes([query], spec, planes) @ protos.T)[0]
+    assert approx[0] > approx[1]
