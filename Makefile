@@ -52,7 +52,7 @@ lint: env ## ruff over the code
 
 server: env ## Start a local Prefect server on 127.0.0.1 (PORT=4200)
 	@echo "Prefect UI: http://127.0.0.1:$(PORT)"
-	PREFECT_HOME=$(PREFECT_HOME) PREFECT_SERVER_API_HOST=127.0.0.1 \
+	PREFECT_HOME=$(PREFECT_HOME) PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_ANALYTICS_ENABLED=false \
 	PREFECT_SERVER_API_PORT=$(PORT) $(BIN)/prefect server start
 
 clean: ## Remove the demo store and caches (not .venv)

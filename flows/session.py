@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from infra.caching import result_storage_for
-from infra.config import SessionConfig
+from infra.config import SessionConfig, StartModel
 from infra.store import Store, normalize_url
 from tasks.embedding import embed_documents
 from tasks.evaluation import evaluate_sessions, report_session
@@ -51,9 +51,8 @@ def session_flow(session_url: str, store_url: str,
 
     ingested = ingest_session.with_options(result_storage=results)(
         session_url, plan["digest"], scratch)
-    # DESIGN 8 starts from the last session's model (or the base model for joint retraining)
-    start = start_model(plan["previous_model"], config.embedding.model,
-                        config.finetune.start_from.value, scratch)
+    # The current model: the last session's (the base model for the first session)
+    start = start_model(plan["previous_model"], config.embedding.model, scratch)
     # Documents that enter memory keep their token embeddings (term-based scoring).
     embedding = config.embedding.model_copy(update={
         "model": start["path"],
@@ -76,8 +75,11 @@ def session_flow(session_url: str, store_url: str,
             plan["name"], ingested, embedded, memory, docs_urls, plan["previous_training"],
             config.sampling, config.finetune, embedding, start["version"], store.cache_url,
             scratch)
+        # DESIGN 8 trains the current model; joint retraining starts again from the base model
+        init = (start if config.finetune.start_from == StartModel.previous
+                else start_model(None, config.embedding.model, scratch))
         trained = fine_tune_session.with_options(result_storage=results)(
-            plan["name"], sampled, config.finetune, start, scratch)
+            plan["name"], sampled, config.finetune, init, scratch)
         final = {"path": trained["model_path"], "version": trained["model_version"]}
     elif config.finetune.enabled:
         logger.warning("fine-tuning needs the clustered memory (memory.enabled): skipped")
@@ -88,13 +90,17 @@ def session_flow(session_url: str, store_url: str,
     new_source = {"session": plan["name"], "docs_url": ingested["docs_path"],
                   "vectors_url": embedded["vectors_path"], "model_version": start["version"],
                   "queries_url": ingested["queries_path"], "qrels_url": ingested["qrels_path"]}
-    sources = reembed_sources.with_options(result_storage=results)(
-        plan["name"], [*plan["previous"], new_source], final_embedding, final["version"],
-        store.cache_url, scratch)
+    known = None
     if memory is not None and final["version"] != start["version"]:
         memory = reembed_memory.with_options(result_storage=results)(
             plan["name"], memory, docs_urls, embedding.model_copy(
                 update={"model": final["path"]}), final["version"], store.cache_url, scratch)
+        known = {"keys_url": memory["files"]["memory/memory.parquet"],
+                 "vectors_url": memory["files"]["memory/vectors.npy"]}
+    reembedded = reembed_sources.with_options(result_storage=results)(
+        plan["name"], [*plan["previous"], new_source], final_embedding, final["version"],
+        store.cache_url, scratch, known)
+    sources = reembedded["sources"]
     index = build_index.with_options(result_storage=results)(
         plan["name"], sources, config.index, scratch)
     # DESIGN 10: every session so far, on its own test queries, against the whole corpus
@@ -102,7 +108,7 @@ def session_flow(session_url: str, store_url: str,
         plan["name"], index, sources, final_embedding, config.evaluation, final["version"],
         store.cache_url, scratch)
 
-    timings = stage_timings(embedded, memory, sampled, trained, sources, index, evaluation)
+    timings = stage_timings(embedded, memory, sampled, trained, reembedded, index, evaluation)
     report = report_session(plan["name"], plan["previous"], evaluation,
                             memory["files"]["cluster_report.json"] if memory else None,
                             timings, scratch)

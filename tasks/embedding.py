@@ -683,6 +683,7 @@ def encoder_version(model: str) -> str:
 def embed_documents(session_name: str, ingested: dict, embedding: EmbeddingConfig,
                     model_version: str, cache_url: str, scratch_dir: str) -> dict:
     """Embed the session's documents (chunked, cached) into a vectors file in scratch."""
+    started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("embed", EMBED_VERSION, scratch_dir)
     docs = pd.read_parquet(ingested["docs_path"])
@@ -707,7 +708,7 @@ def embed_documents(session_name: str, ingested: dict, embedding: EmbeddingConfi
     logger.info("session %s: %d documents, %d embedded (%d from cache), %d windows",
                 session_name, len(texts), n_embedded, len(texts) - n_embedded,
                 result["n_windows"])
-    return result
+    return {**result, "seconds": time.perf_counter() - started}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -121,32 +121,57 @@ def build_index(session_name: str, sources: list[dict], config: IndexConfig,
 @task(cache_key_fn=cache_key_for("reembed", INDEX_VERSION), persist_result=True,
       result_serializer="json", task_run_name="re-embed-corpus after {session_name}")
 def reembed_sources(session_name: str, sources: list[dict], embedding: EmbeddingConfig,
-                    model_version: str, cache_url: str, scratch_dir: str) -> list[dict]:
-    """Sources whose vectors come from another model get vectors of `model_version`."""
+                    model_version: str, cache_url: str, scratch_dir: str,
+                    known: dict | None = None) -> dict:
+    """Sources whose vectors come from another model get vectors of `model_version`.
+
+    Returns {"sources": the updated list, "seconds": wall time}.
+
+    known: {"keys_url", "vectors_url"} of documents already embedded with `model_version`
+    (the re-embedded memory), taken instead of embedding them again.
+    """
     started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("reembed", INDEX_VERSION, scratch_dir)
     stale = [src for src in sources if src["model_version"] != model_version]
     if not stale:
-        return sources
+        return {"sources": sources, "seconds": 0.0}
     model = load_encoder(embedding.model, embedding.device)
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking)
-    updated, n_embedded = [], 0
+    known_rows = pd.Series(dtype=np.int64)
+    known_vectors = np.zeros((0, 0), np.float32)
+    if known is not None:
+        keys = read_parquet(known["keys_url"])["doc_key"].astype(str)
+        known_rows = pd.Series(np.arange(len(keys)), index=keys.to_numpy())
+        known_vectors = read_npy(known["vectors_url"])
+    updated, n_embedded, n_known = [], 0, 0
     for src in sources:
         if src["model_version"] == model_version:
             updated.append(src)
             continue
         docs = read_parquet(src["docs_url"])
-        texts = [document_text(t, x) for t, x in zip(docs["title"], docs["text"], strict=True)]
-        embedded, fresh = embed_with_cache(model, texts, embedding.chunking, cache,
-                                           batch_size=embedding.batch_size)
-        n_embedded += fresh
+        keys = (src["session"] + "/" + docs["doc_id"].astype(str)).to_numpy()
+        rows = known_rows.reindex(keys).to_numpy()
+        have = ~np.isnan(rows)
+        todo = np.flatnonzero(~have)
+        vectors = np.empty((len(docs), known_vectors.shape[1] or 1), np.float32)
+        if len(todo):
+            texts = [document_text(docs["title"].iat[i], docs["text"].iat[i]) for i in todo]
+            embedded, fresh = embed_with_cache(model, texts, embedding.chunking, cache,
+                                               batch_size=embedding.batch_size)
+            if vectors.shape[1] != embedded.vectors.shape[1]:
+                vectors = np.empty((len(docs), embedded.vectors.shape[1]), np.float32)
+            vectors[todo] = embedded.vectors
+            n_embedded += fresh
+        vectors[have] = known_vectors[rows[have].astype(np.int64)]
+        n_known += int(have.sum())
         path = out / f"{src['session']}.npy"
-        np.save(path, embedded.vectors, allow_pickle=False)
+        np.save(path, vectors, allow_pickle=False)
         updated.append({**src, "vectors_url": str(path), "model_version": model_version})
-    logger.info("re-embedded %d documents of %d sessions with model %s (%.0f s)", n_embedded,
-                len(stale), model_version, time.perf_counter() - started)
-    return updated
+    logger.info("re-embedded %d documents of %d sessions with model %s, %d taken from the "
+                "re-embedded memory (%.0f s)", n_embedded, len(stale), model_version, n_known,
+                time.perf_counter() - started)
+    return {"sources": updated, "seconds": time.perf_counter() - started}
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:

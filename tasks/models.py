@@ -1,9 +1,10 @@
 """Which encoder a session starts from, and getting it out of the store (DESIGN step 8).
 
 Each session publishes its fine-tuned model (safetensors) under `model/` in its store folder, and
-its manifest's `model_version` is the digest of that folder. The next session starts from it
-(continual), or from the configured base encoder (`finetune.start_from = "base"`, the joint
-retraining baseline). A model in a remote store is copied into scratch once per version;
+its manifest's `model_version` is the digest of that folder. The next session embeds and
+clusters with it, and trains it further (continual) or trains the configured base encoder
+again (`finetune.start_from = "base"`, the joint retraining baseline). A model in a remote
+store is copied into scratch once per version;
 a local store's folder is used in place.
 """
 
@@ -39,17 +40,14 @@ def local_model_folder(url: str, version: str, scratch_dir: str) -> str:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="start model")
-def start_model(previous_model: dict | None, base_model: str, start_from: str,
-                scratch_dir: str) -> dict:
-    """The encoder this session starts from: {path, version, origin}."""
-    if previous_model is None or start_from == "base":
+def start_model(previous_model: dict | None, base_model: str, scratch_dir: str) -> dict:
+    """The model of the last session that trained one, else the base model: {path, version}."""
+    if previous_model is None:
         path = resolve_model_path(base_model)
-        origin = "base model" if previous_model is None else "base model (start_from=base)"
-        result = {"path": path, "version": model_version(path), "origin": origin}
+        result = {"path": path, "version": model_version(path), "origin": "base model"}
     else:
         path = local_model_folder(previous_model["url"], previous_model["version"], scratch_dir)
         result = {"path": path, "version": previous_model["version"],
                   "origin": f"model of session {previous_model['session']}"}
-    get_run_logger().info("starting from the %s (version %s)", result["origin"],
-                          result["version"])
+    get_run_logger().info("%s: version %s", result["origin"], result["version"])
     return result

@@ -94,14 +94,17 @@ def previous_training(store: Store, manifests: list[SessionManifest]) -> dict | 
 
 
 def stage_timings(embedded: dict, memory: dict | None, sampled: dict | None,
-                  trained: dict | None, sources: list[dict], index: dict,
+                  trained: dict | None, reembedded: dict, index: dict,
                   evaluation: dict) -> dict[str, float]:
-    """Wall seconds per stage of this run (a cached stage counts what it cost when it ran)."""
-    def seconds(result: dict | None) -> float:
-        return float(result.get("seconds", 0.0)) if result else 0.0
+    """Wall seconds per stage of this run (a cached stage counts what it cost when it ran).
+
+    embedding: the new documents, then re-embedding corpus and memory after fine-tuning.
+    """
+    def seconds(result: dict | None, key: str = "seconds") -> float:
+        return float(result.get(key, 0.0)) if result else 0.0
 
     timings = {
-        "embedding": seconds(embedded),
+        "embedding": seconds(embedded) + seconds(reembedded) + seconds(memory, "reembed_seconds"),
         "clustering": seconds(memory),
         "training": seconds(sampled) + seconds(trained),
         "indexing": seconds(index),

@@ -591,7 +591,7 @@ def reembed_memory(session_name: str, memory: dict, docs_urls: dict[str, str],
                                    for p in sorted(state_dir.rglob("*")) if p.is_file()}}
     get_run_logger().info("re-embedded %d memory documents with model %s", len(keys),
                           model_version)
-    return {**memory, "files": files, "seconds": time.perf_counter() - started}
+    return {**memory, "files": files, "reembed_seconds": time.perf_counter() - started}
 
 
 def _artifact_key(session_name: str) -> str:

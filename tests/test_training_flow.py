@@ -51,7 +51,7 @@ def test_each_session_publishes_a_trained_model_the_next_one_starts_from(trained
     assert first.model_version != model_version(base)
     assert second.model_version != first.model_version
     # the published weights are the model the manifest names, bit for bit
-    folder = Path(store.session_url(first, "model"))
+    folder = Path(store.path("sessions", first.folder, "model"))
     assert model_version(str(folder)) == first.model_version
     weights = load_file(str(folder / "model.safetensors"))
     base_weights = load_file(str(Path(base) / "model.safetensors"))
