@@ -43,7 +43,7 @@ __all__ = ["FINETUNE_VERSION", "fine_tune", "tensorboard_available"]
 logger = logging.getLogger(__name__)
 
 # Bump when `fine_tune` changes what it computes for the same inputs (part of cache keys).
-FINETUNE_VERSION = "1"
+FINETUNE_VERSION = "2"
 TEXT_COLUMNS = ("anchor", "positive", "negative")
 
 
@@ -112,6 +112,9 @@ def _build_trainer(model_path: str, frame: pd.DataFrame, config: FinetuneConfig,
     device = resolve_device(config.device)
     transformers.set_seed(seed)  # before loading: any freshly initialized layer is seeded too
     model = SentenceTransformer(model_path, device=device, local_files_only=True)
+    # Train on short sequences; fine_tune puts the model's own limit back before saving, so
+    # the training length never changes how later sessions embed.
+    model.inference_max_seq_length = model.max_seq_length
     model.max_seq_length = config.max_seq_length
     if config.mini_batch_size is not None:
         loss = CachedMultipleNegativesRankingLoss(model, scale=config.scale,
@@ -212,6 +215,7 @@ def fine_tune(
     started = time.perf_counter()
     output = trainer.train()
     train_seconds = time.perf_counter() - started
+    model.max_seq_length = model.inference_max_seq_length
     model_dir, version = _save_model(model, out_dir)
     history = [[int(e["step"]), float(e["loss"])] for e in trainer.state.log_history
                if "loss" in e]

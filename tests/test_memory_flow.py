@@ -97,3 +97,29 @@ def test_export_clusters_bad_input(stream_store, tmp_path):
     missing = run_cli("export-clusters", "--store", str(tmp_path / "nope"), "--out",
                       str(tmp_path / "x.csv"))
     assert missing.exit_code == 2 and "no driftlane store" in missing.output
+
+
+def identical_session(folder, n_docs: int):
+    """A session whose documents all have the same text."""
+    import json as _json
+
+    (folder / "qrels").mkdir(parents=True)
+    with open(folder / "corpus.jsonl", "w") as f:
+        for i in range(n_docs):
+            f.write(_json.dumps({"_id": f"d{i}", "title": "", "text": "the same words"}) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("n_docs", [1, 4])
+def test_degenerate_sessions_complete_with_a_log_line(tmp_path, caplog, n_docs):
+    from flows.session import session_flow
+    from infra.config import SessionConfig
+
+    session = identical_session(tmp_path / f"same{n_docs}", n_docs)
+    config = SessionConfig.model_validate({"finetune": {"max_steps": 1, "batch_size": 2,
+                                                        "max_seq_length": 16}})
+    result = session_flow(str(session), str(tmp_path / "store"), config)
+    assert result["status"] == "published"
+    reason = "1 document(s)" if n_docs == 1 else "same vector"
+    assert any(reason in r.getMessage() for r in caplog.records), reason
+    assert Store(str(tmp_path / "store")).sessions()[0].summary["n_clusters"] == 1
