@@ -163,7 +163,8 @@ def reembed_sources(session_name: str, sources: list[dict], embedding: Embedding
                 vectors = np.empty((len(docs), embedded.vectors.shape[1]), np.float32)
             vectors[todo] = embedded.vectors
             n_embedded += fresh
-        vectors[have] = known_vectors[rows[have].astype(np.int64)]
+        if have.any():
+            vectors[have] = known_vectors[rows[have].astype(np.int64)]
         n_known += int(have.sum())
         path = out / f"{src['session']}.npy"
         np.save(path, vectors, allow_pickle=False)
