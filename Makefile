@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
-.PHONY: help env demo test test-all bench lint server clean
+.PHONY: help env demo test test-all bench bench-gpu lint server clean
 
 help: ## Show this help
 	@echo "driftlane — continual retrieval sessions on Prefect"
@@ -46,6 +46,10 @@ bench: env ## Run the benchmarks (CPU configuration) into benchmarks/results/
 	$(BIN)/python -m benchmarks.embedding --out benchmarks/results/embedding_cpu.json
 	$(BIN)/python -m benchmarks.clustering --out benchmarks/results/clustering_cpu.json
 	$(BIN)/python -m benchmarks.prototypes --out benchmarks/results/prototypes_cpu.json
+	$(BIN)/python -m benchmarks.continual --config small
+
+bench-gpu: env ## Run the continual benchmark's GPU configuration (full stream, 3 seeds)
+	$(BIN)/driftlane bench --config gpu
 
 lint: env ## ruff over the code
 	$(BIN)/ruff check flows tasks infra tests benchmarks
