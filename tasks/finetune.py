@@ -43,7 +43,7 @@ __all__ = ["FINETUNE_VERSION", "fine_tune", "tensorboard_available"]
 logger = logging.getLogger(__name__)
 
 # Bump when `fine_tune` changes what it computes for the same inputs (part of cache keys).
-FINETUNE_VERSION = "2"
+FINETUNE_VERSION = "3"
 TEXT_COLUMNS = ("anchor", "positive", "negative")
 
 
@@ -131,7 +131,8 @@ def _build_trainer(model_path: str, frame: pd.DataFrame, config: FinetuneConfig,
         output_dir=str(out_dir / "trainer"),
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the steps
+        # whole warm-up steps, rounded down: a 1-step session must not run at learning rate 0
+        warmup_steps=int(config.warmup_ratio * steps),
         lr_scheduler_type="linear",
         max_steps=steps,
         seed=seed,

@@ -91,3 +91,11 @@ def test_tensorboard_logs_only_when_available(one_step):
     else:
         assert one_step["tensorboard_dir"] is None
         assert any("tensorboard" in note for note in one_step["notes"])
+
+
+def test_a_one_step_session_trains_with_the_default_warm_up(minilm_path, tmp_path):
+    """A 10% warm-up of one step rounds down to none: the step runs at the full rate."""
+    config = CONFIG.model_copy(update={"warmup_ratio": 0.1})
+    result = fine_tune(minilm_path, EXAMPLES, config, tmp_path, batch_order=[[1, 3]], seed=0)
+    saved, before = weights(result["model_path"]), weights(minilm_path)
+    assert any(not torch.equal(saved[k], before[k]) for k in saved)
