@@ -28,6 +28,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _existing_store(url: str) -> Store:
+    """The store at `url`; exits with an error when there is none."""
+    st = Store(url)
+    if not st.exists():
+        _fail(f"{st.url}: no driftlane store here (no store.json)")
+    return st
+
+
 def _run_flows(session_urls: list[str], store: str, config_path: Path | None) -> list[dict]:
     # Models load from local folders only; the temporary Prefect server must not try to
     # phone home from machines without internet.
@@ -115,9 +123,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show the sessions of a store: model version, documents, metrics."""
-    st = Store(store)
-    if not st.exists():
-        _fail(f"{st.url}: no driftlane store here (no store.json)")
+    st = _existing_store(store)
     try:
         summary = store_summary(st)
     except StoreError as exc:
@@ -222,9 +228,7 @@ def export_clusters(
     """Write every document's stable cluster id (doc_id, cluster_id, session)."""
     if out.suffix not in (".csv", ".parquet"):
         _fail(f"{out}: unknown output format {out.suffix!r} (use .csv or .parquet)")
-    st = Store(store)
-    if not st.exists():
-        _fail(f"{st.url}: no driftlane store here (no store.json)")
+    st = _existing_store(store)
     try:
         table = cluster_table(st)
     except StoreError as exc:
