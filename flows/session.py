@@ -14,7 +14,9 @@ from prefect.runtime import flow_run
 
 from infra.caching import result_storage_for
 from infra.config import SessionConfig, StartModel
+from infra.runners import shard_runner
 from infra.store import Store, normalize_url
+from infra.writer import store_writer
 from tasks.embedding import embed_documents
 from tasks.evaluation import evaluate_sessions, report_session
 from tasks.indexing import build_index, reembed_sources
@@ -32,12 +34,25 @@ def session_run_name() -> str:
     return f"{name} -> {normalize_url(params['store_url'])}"
 
 
+def session_tags(session_url: str, store_url: str) -> list[str]:
+    """Tags that let the UI filter runs by store and by session."""
+    name = PurePosixPath(str(session_url).rstrip("/")).name
+    return ["driftlane", f"store:{normalize_url(store_url)}", f"session:{name}"]
+
+
 @flow(name="driftlane-session", flow_run_name=session_run_name, log_prints=False)
 def session_flow(session_url: str, store_url: str,
                  config: SessionConfig = SessionConfig()) -> dict:  # noqa: B008
     """Run the next session of a store from a BEIR session folder."""
-    logger = get_run_logger()
     session_url, store_url = normalize_url(session_url), normalize_url(store_url)
+    # One writer per store, from planning to publishing (a retry takes it again).
+    label = f"flow run {flow_run.id} ({flow_run.name}): session {session_url}"
+    with store_writer(store_url, label, config.lock), shard_runner(config.runner):
+        return _run_session(session_url, store_url, config)
+
+
+def _run_session(session_url: str, store_url: str, config: SessionConfig) -> dict:
+    logger = get_run_logger()
     store = Store(store_url)
     results = result_storage_for(store)
 

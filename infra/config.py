@@ -266,6 +266,54 @@ class FinetuneConfig(_Section):
     seed: int = Field(default=0, ge=0, description="Seed of weights updates and dropout.")
 
 
+class RunnerKind(StrEnum):
+    """Where sharded work (embedding, query encoding) runs."""
+
+    threads = "threads"
+    dask = "dask"
+
+
+class RunnerConfig(_Section):
+    """The Prefect task runner that maps embedding and evaluation over shards.
+
+    Operational only: it changes where the work runs, never its result, so it is left out of
+    the config digest.
+    """
+
+    kind: RunnerKind = Field(default=RunnerKind.threads,
+                             description="threads: in the flow's process; dask: prefect-dask's "
+                             "DaskTaskRunner (a local cluster, or `dask_address`).")
+    shard_docs: int = Field(default=1024, ge=1, le=10_000_000,
+                            description="Texts per shard (the unit a worker embeds).")
+    max_workers: int = Field(default=1, ge=1, le=1024,
+                             description="threads: shards embedded at once in the process.")
+    dask_address: str | None = Field(default=None, description="dask: scheduler address of "
+                                     "an existing cluster (e.g. tcp://10.0.0.5:8786); unset "
+                                     "starts a local cluster for the run.")
+    dask_workers: int = Field(default=2, ge=1, le=1024,
+                              description="dask, local cluster: worker processes.")
+    dask_threads_per_worker: int = Field(default=1, ge=1, le=1024,
+                                         description="dask, local cluster: threads per worker.")
+
+
+class LockConfig(_Section):
+    """One writer per store: the store lock and the Prefect global concurrency limit."""
+
+    lease_seconds: float = Field(default=60.0, ge=1.0, le=86_400.0,
+                                 description="Lease of the store lock, renewed by a heartbeat; "
+                                 "a killed run blocks the store this long (plus 5 s grace).")
+    wait_seconds: float = Field(default=90.0, ge=0.0, le=7 * 86_400.0,
+                                description="How long a run waits for the store before it "
+                                "fails with a message naming the holder (0: fail at once).")
+    global_limit: bool = Field(default=True, description="Also hold a strict Prefect global "
+                               "concurrency limit of 1 per store when a Prefect server is "
+                               "configured (PREFECT_API_URL).")
+
+
+# Sections that change how a run is carried out, not what it computes or publishes.
+OPERATIONAL_SECTIONS = frozenset({"runner", "lock"})
+
+
 class SessionConfig(_Section):
     """Everything one session run needs to know besides its input and its store."""
 
@@ -279,6 +327,14 @@ class SessionConfig(_Section):
         default=None,
         description="Local folder for work in progress (default: ~/.cache/driftlane/scratch).",
     )
+    runner: RunnerConfig = RunnerConfig()
+    lock: LockConfig = LockConfig()
+
+    def digest(self) -> str:
+        """Digest of the settings that shape results (the operational sections left out)."""
+        payload = json.dumps(self.model_dump(mode="json", exclude=set(OPERATIONAL_SECTIONS)),
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 class ConfigError(ValueError):

@@ -91,11 +91,16 @@ BREAK_STALE_SECONDS = 30.0
 class StoreLocked(RuntimeError):
     """The store is locked by another run (and waiting, if asked, did not help)."""
 
-    def __init__(self, store: str, owner: dict[str, Any] | None, waited: float = 0.0):
+    def __init__(self, store: str, owner: dict[str, Any] | None, waited: float = 0.0,
+                 holder: str | None = None):
         self.store = store
         self.owner = owner
         self.waited = waited
-        super().__init__(_locked_message(store, owner, waited))
+        self.holder = holder
+        super().__init__(_locked_message(store, holder or describe_owner(owner), waited))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable: Prefect persists failed states
+        return (type(self), (self.store, self.owner, self.waited, self.holder))
 
 
 class LockLost(RuntimeError):
@@ -123,9 +128,9 @@ def describe_owner(owner: dict[str, Any] | None) -> str:
             f"taken {_iso(owner.get('acquired_at'))}, lease expires {_iso(expires)}{left}")
 
 
-def _locked_message(store: str, owner: dict[str, Any] | None, waited: float) -> str:
+def _locked_message(store: str, holder: str, waited: float) -> str:
     waited_txt = f" (waited {waited:.1f} s)" if waited > 0 else ""
-    return (f"store {store} is locked by another run{waited_txt}: {describe_owner(owner)}. "
+    return (f"store {store} is locked by another run{waited_txt}: {holder}. "
             "Only one run may write a store at a time; wait for it to finish, or, if it was "
             "killed, its lock is taken over automatically once the lease expires.")
 

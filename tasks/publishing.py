@@ -8,6 +8,7 @@ it to the store, which stages, renames and writes the manifest last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,15 +19,13 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.caching import scratch_for
 from infra.config import SessionConfig
-from infra.lock import StoreLock
 from infra.store import SessionManifest, Store
+from infra.writer import held_store_lock, store_writer
 from tasks.ingest import SessionFormatError, session_digest, validate_session
 
-PUBLISH_LOCK_WAIT_S = 120.0
 MEMORY_STATE = "memory/state.json"
 MODEL_WEIGHTS = "model/model.safetensors"
 QUERY_BUFFER = "training/query_buffer.parquet"
-PUBLISH_LOCK_LEASE_S = 60.0
 
 # Files every published session holds, and where in the stage outputs they come from.
 SESSION_FILES = {
@@ -198,13 +197,14 @@ def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, eva
         model_version=model_version, n_docs=ingested["n_docs"],
         n_queries=ingested["n_queries"], config_digest=config.digest(), summary=summary,
     )
-    # One writer at a time: a run that planned the same index concurrently finds the store
-    # changed under the lock and fails with a clear message instead of interleaving.
-    # The lease is short and renewed by a heartbeat, so a run killed while publishing blocks
-    # the store only until its lease runs out.
-    lease = float(os.environ.get("DRIFTLANE_LOCK_LEASE_S", PUBLISH_LOCK_LEASE_S))
-    with StoreLock(store.url, owner_label=f"publish {plan['name']}", lease_seconds=lease,
-                   wait_seconds=PUBLISH_LOCK_WAIT_S, keep_alive=True):
+    # The flow holds the store for the whole run (`infra.writer.store_writer`); publishing
+    # only confirms the lease is still ours, so a run that lost its lock never writes.
+    lock = held_store_lock(store.url)
+    with contextlib.ExitStack() as stack:
+        if lock is None:  # called outside the session flow: hold the store just for this
+            lock = stack.enter_context(store_writer(store.url, f"publish {plan['name']}",
+                                                    config.lock))
+        lock.check()
         store.ensure()
         manifest = store.publish_session(folder, manifest)
     shutil.rmtree(folder, ignore_errors=True)

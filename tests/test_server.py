@@ -96,6 +96,7 @@ class Served:
     landing: Path
     fault_switch: Path
     logs: list[Path]
+    env: dict[str, str]  # the environment of a client process, without PREFECT_/DRIFTLANE_
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def served(tmp_path_factory):
                   "DRIFTLANE_FAIL_AT": FAIL_POINT,
                   "DRIFTLANE_FAULT_SWITCH": str(root / "fault-switch")}
     served = Served(api_url, root, root / "store", root / "landing", root / "fault-switch",
-                    [root / "server.log", root / "deploy.log"])
+                    [root / "server.log", root / "deploy.log"], base_env)
     served.landing.mkdir()
 
     server = deployer = None
@@ -323,8 +324,10 @@ def test_retry_from_the_ui_resumes_from_the_failed_stage(served, landed):
         first = task_states_by_attempt(run.id, {1: (FAIL_STAGE,)})[1]
         assert state_of(first, FAIL_STAGE) == "Failed", first
         assert state_of(first, "publish") is None, first
+        # Shard task runs (" shard i/n") belong to their cached stage: they do not run again.
         before_failure = {name for name in first
-                          if not name.startswith((*NEVER_CACHED, FAIL_STAGE))}
+                          if not name.startswith((*NEVER_CACHED, FAIL_STAGE))
+                          and " shard " not in name}
         assert all(state_of(first, s) for s in ("ingest", "embed")), first
         assert all(first[name] == "Completed" for name in before_failure), first
         assert not Store(str(retried_store)).sessions()
@@ -399,3 +402,37 @@ def test_fault_switch_arms_the_failure_only_while_its_file_exists(tmp_path, monk
     monkeypatch.delenv("DRIFTLANE_FAULT_SWITCH")
     with pytest.raises(InjectedFailure):
         crash_point("somewhere")
+
+
+def test_a_killed_run_frees_the_store_once_its_leases_lapse(served, tmp_path):
+    """SIGKILL a CLI run holding the store (its Prefect global concurrency slot and its store
+    lock); the next run waits for both leases (the slot's: Prefect's minimum of 60 s, then the
+    server's repossessor) and publishes."""
+    from malformed_sessions import write_valid_session
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from infra.writer import limit_name
+
+    session = write_valid_session(tmp_path / "in" / "alpha", n_docs=4, name_prefix="a")
+    store = tmp_path / "store"
+    config = tmp_path / "wait.toml"
+    config.write_text("[lock]\nwait_seconds = 300\n[finetune]\nenabled = false\n")
+    env = {**served.env, "PREFECT_API_URL": served.api_url,
+           "PREFECT_HOME": str(tmp_path / "home"), "DRIFTLANE_SCRATCH": str(tmp_path / "s"),
+           "DRIFTLANE_LOCK_LEASE_S": "2"}
+    args = [str(Path(sys.executable).parent / "driftlane"), "run-session", str(session),
+            "--store", str(store), "--config", str(config)]
+    killed = subprocess.run(args, env={**env, "DRIFTLANE_KILL_AT": "embed.start"},
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with temporary_settings({PREFECT_API_URL: served.api_url}):
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(limit_name(Store(str(store)).url))
+    assert limit.limit == 1 and limit.active_slots == 1  # the dead run's slot
+
+    started = time.monotonic()
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [m.name for m in Store(str(store)).sessions()] == ["alpha"]
+    print(f"the run after the kill took {time.monotonic() - started:.0f} s")

@@ -17,6 +17,7 @@ from flows.session import session_flow
 from flows.stream import stream_flow
 from infra.config import ChunkingConfig, EmbeddingConfig, SessionConfig
 from infra.faults import InjectedFailure
+from infra.lock import StoreLocked
 from infra.store import Store, StoreError
 from tasks.ingest import SessionFormatError
 
@@ -196,30 +197,51 @@ def test_injected_failure_is_raised_to_the_caller(tmp_path, sessions, monkeypatc
     assert Store(str(tmp_path / "store")).sessions() == []
 
 
-def test_two_runs_at_once_on_one_store_never_interleave(tmp_path, sessions):
-    """Both runs plan session #0; the lock serialises publishing and the loser says why."""
-    store_dir = tmp_path / "store"
+def _run_at_once(sessions, store_dir, config=None) -> dict[str, object]:
+    """Start one session flow per session, in threads, all at once; their results or errors."""
     outcomes: dict[str, object] = {}
+    gate = threading.Barrier(len(sessions))
 
     def run(session):
+        gate.wait()
         try:
-            outcomes[session.name] = session_flow(str(session), str(store_dir))
-        except StoreError as exc:
+            outcomes[session.name] = session_flow(str(session), str(store_dir),
+                                                  config or SessionConfig())
+        except (StoreError, StoreLocked) as exc:
             outcomes[session.name] = exc
 
     threads = [threading.Thread(target=run, args=(s,)) for s in sessions]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=300)
-    published = [n for n, o in outcomes.items() if isinstance(o, dict)]
-    refused = [o for o in outcomes.values() if isinstance(o, StoreError)]
-    assert len(published) + len(refused) == 2 and published
-    for exc in refused:
-        assert "another run published while this one was running" in str(exc)
+        t.join(timeout=600)
+    return outcomes
+
+
+def test_two_runs_at_once_on_one_store_take_turns(tmp_path, sessions):
+    """The store is held for the whole run: the second run waits, then goes in as #1."""
+    store_dir = tmp_path / "store"
+    outcomes = _run_at_once(sessions, store_dir)
+    assert all(isinstance(o, dict) for o in outcomes.values()), outcomes
     manifests = Store(str(store_dir)).sessions()
-    assert [m.index for m in manifests] == list(range(len(published)))
+    assert [m.index for m in manifests] == [0, 1]
+    # never interleaved: #1 was planned after #0 was published, so it evaluates both
+    first, second = manifests
+    assert outcomes[second.name]["index"] == 1
+    assert set(outcomes[second.name]["metrics"]) == {first.name, second.name}
     assert not list(store_dir.glob(".lock*"))  # the lock is released
+
+
+def test_a_run_that_may_not_wait_fails_naming_the_holder(tmp_path, sessions):
+    store_dir = tmp_path / "store"
+    config = SessionConfig.model_validate({"lock": {"wait_seconds": 0}})
+    outcomes = _run_at_once(sessions, store_dir, config)
+    published = [n for n, o in outcomes.items() if isinstance(o, dict)]
+    refused = [o for o in outcomes.values() if isinstance(o, StoreLocked)]
+    assert len(published) == 1 and len(refused) == 1, outcomes
+    assert f"store {Store(str(store_dir)).url} is locked by another run" in str(refused[0])
+    assert "flow run" in str(refused[0]) or "global concurrency limit" in str(refused[0])
+    assert [m.name for m in Store(str(store_dir)).sessions()] == published
     # the refused session goes in on its next run
-    for name in set(outcomes) - set(published):
-        assert session_flow(str(tmp_path / "in" / name), str(store_dir))["index"] == 1
+    refused_name = (set(outcomes) - set(published)).pop()
+    assert session_flow(str(tmp_path / "in" / refused_name), str(store_dir))["index"] == 1
