@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, tags
 
-from flows.session import session_flow
+from flows.session import session_flow, session_tags
 from infra.config import SessionConfig
 
 
@@ -12,4 +12,8 @@ from infra.config import SessionConfig
 def stream_flow(session_urls: list[str], store_url: str,
                 config: SessionConfig = SessionConfig()) -> list[dict]:  # noqa: B008
     """Run each session folder in the order given; already published ones are no-ops."""
-    return [session_flow(url, store_url, config) for url in session_urls]
+    results = []
+    for url in session_urls:
+        with tags(*session_tags(url, store_url)):
+            results.append(session_flow(url, store_url, config))
+    return results

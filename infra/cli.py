@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from infra.config import ConfigError, load_config
+from infra.progress import enable_cli_bars
 from infra.store import Store, StoreError
 
 if TYPE_CHECKING:
@@ -21,11 +22,27 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 StoreOpt = Annotated[str, typer.Option("--store", help="Store URL (local folder or fsspec URL).")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Config file (TOML/YAML/JSON).")]
+ProgressOpt = Annotated[bool | None, typer.Option(
+    "--progress/--no-progress", show_default=False,
+    help="Progress bars on stderr for embedding and training (default: when stderr is a "
+         "terminal).")]
 
 
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _progress_bars(progress: bool | None) -> None:
+    """Switch the progress bars on or off; None: on when stderr is a terminal.
+
+    Ours only: the libraries' own bars (loading weights, writing shards) are switched off.
+    """
+    enable_cli_bars(sys.stderr.isatty() if progress is None else progress)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def _existing_store(url: str) -> Store:
@@ -45,7 +62,9 @@ def _run_flows(session_urls: list[str], store: str, config_path: Path | None) ->
     # Without a server, Prefect starts a temporary one; its first start on a fresh machine
     # migrates a new database, which takes longer than Prefect's 20 s default on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from flows.session import session_flow
+    from prefect import tags
+
+    from flows.session import session_flow, session_tags
     from infra.faults import InjectedFailure
     from infra.lock import StoreLocked
     from tasks.ingest import SessionFormatError
@@ -57,7 +76,8 @@ def _run_flows(session_urls: list[str], store: str, config_path: Path | None) ->
     summaries = []
     for url in session_urls:
         try:
-            summary = session_flow(url, store, config)
+            with tags(*session_tags(url, store)):
+                summary = session_flow(url, store, config)
         except (SessionFormatError, StoreError, StoreLocked, InjectedFailure,
                 FileNotFoundError) as exc:
             _fail(str(exc))
@@ -83,8 +103,10 @@ def run_session(
     session: Annotated[str, typer.Argument(help="Session folder (BEIR layout), any fsspec URL.")],
     store: StoreOpt,
     config: ConfigOpt = None,
+    progress: ProgressOpt = None,
 ) -> None:
     """Run SESSION as the next session of STORE."""
+    _progress_bars(progress)
     _run_flows([session], store, config)
 
 
@@ -93,8 +115,10 @@ def run_stream(
     sessions: Annotated[list[str], typer.Argument(help="Session folders, in stream order.")],
     store: StoreOpt,
     config: ConfigOpt = None,
+    progress: ProgressOpt = None,
 ) -> None:
     """Run several sessions in order; those already in the store are skipped."""
+    _progress_bars(progress)
     _run_flows(sessions, store, config)
 
 

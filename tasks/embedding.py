@@ -62,6 +62,8 @@ __all__ = [
     "effective_window_tokens",
     "encoder_version",
     "embed_documents",
+    "embed_shard",
+    "embed_stage",
     "embed_texts",
     "embed_with_cache",
     "load_encoder",
@@ -402,6 +404,12 @@ def embed_texts(
     return _concat(parts)
 
 
+def _empty_like(embedded: EmbeddedTexts | None) -> EmbeddedTexts:
+    dim = 0 if embedded is None else embedded.vectors.shape[1]
+    tokens = None if embedded is None or embedded.token_embeddings is None else []
+    return EmbeddedTexts(np.zeros((0, dim), np.float32), np.zeros(0, np.int32), tokens)
+
+
 def _concat(parts: Sequence[EmbeddedTexts]) -> EmbeddedTexts:
     tokens = None
     if parts and all(part.token_embeddings is not None for part in parts):
@@ -452,6 +460,7 @@ class EmbeddingCache:
     ) -> None:
         if "://" not in root_url:
             root_url = os.path.expanduser(root_url)
+        self.root_url = root_url
         self.fs, root = fsspec.core.url_to_fs(root_url)
         self.model_version = model_version
         self.chunking = chunking
@@ -477,6 +486,11 @@ class EmbeddingCache:
             self._shards[shard] = columns
             for row, digest in enumerate(columns["digest"].tolist()):
                 self._index.setdefault(digest, (shard, row))
+
+    def contains(self, digests: Sequence[str]) -> np.ndarray:
+        """(n,) bool: which digests the cache holds (reads no vectors)."""
+        self._refresh()
+        return np.array([digest in self._index for digest in digests], dtype=bool)
 
     def lookup(self, digests: Sequence[str]) -> tuple[np.ndarray, EmbeddedTexts]:
         """(found mask (n,) bool, embeddings of the found digests in their order)."""
@@ -604,7 +618,7 @@ def _write_concatenated_npy(handle: IO[bytes], arrays: Sequence[np.ndarray]) -> 
 
 
 def embed_with_cache(
-    model: SentenceTransformer,
+    model: SentenceTransformer | Callable[[], SentenceTransformer],
     texts: Sequence[str],
     chunking: ChunkingConfig,
     cache: EmbeddingCache | None,
@@ -613,7 +627,8 @@ def embed_with_cache(
 ) -> tuple[EmbeddedTexts, int]:
     """Embeddings of all `texts` in order, embedding only texts the cache does not hold.
 
-    Identical texts are embedded once. Returns (embeddings, number of texts actually embedded).
+    Identical texts are embedded once. `model` may be a loader, called only when something is
+    missing from the cache. Returns (embeddings, number of texts actually embedded).
     """
     texts = list(texts)
     if cache is not None and cache.keep_token_embeddings != keep_token_embeddings:
@@ -638,7 +653,9 @@ def embed_with_cache(
     else:
         found, cached = np.zeros(len(unique_digests), dtype=bool), None
     missing = np.flatnonzero(~found)
-    fresh = embed_texts(
+    if not isinstance(model, torch.nn.Module):  # a loader
+        model = model() if len(missing) or cached is None else None
+    fresh = _empty_like(cached) if model is None else embed_texts(
         model,
         [texts[unique_first[i]] for i in missing],
         chunking,
@@ -672,6 +689,59 @@ def embed_with_cache(
 EMBED_VERSION = f"1-e{EMBEDDING_ALGORITHM_VERSION}"
 
 
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="{label} shard {shard}")
+def embed_shard(label: str, shard: str, texts: list[str], embedding: EmbeddingConfig,
+                model_version: str, cache_url: str, keep_token_embeddings: bool) -> int:
+    """Embed one shard of texts into the embedding cache; returns how many were embedded.
+
+    Runs wherever the flow's task runner puts it (a thread, a Dask worker): it reads the
+    encoder from `embedding.model` and writes only to the cache at `cache_url`.
+    """
+    model = load_encoder(embedding.model, embedding.device)
+    embedded = embed_texts(model, texts, embedding.chunking, embedding.batch_size,
+                           keep_token_embeddings)
+    cache = EmbeddingCache(cache_url, model_version, embedding.chunking, keep_token_embeddings)
+    cache.add([text_digest(text) for text in texts], embedded)
+    return len(texts)
+
+
+def embed_stage(label: str, texts: Sequence[str], embedding: EmbeddingConfig,
+                cache: EmbeddingCache) -> tuple[EmbeddedTexts, int]:
+    """`embed_with_cache` for a flow stage: what the cache lacks is embedded shard by shard on
+    the run's task runner (`infra.runners`), then everything is read back from the cache.
+
+    Outside a `shard_runner` it embeds in-process. Either way each shard computes the same
+    vectors, so the runner never changes a result. Returns (embeddings, number embedded).
+    """
+    from infra.progress import Progress
+    from infra.runners import current_runner, map_shards, split
+
+    runner = current_runner()
+    keep = cache.keep_token_embeddings
+    texts = list(texts)
+
+    def loader() -> SentenceTransformer:
+        return load_encoder(embedding.model, embedding.device)
+
+    if runner is None:
+        return embed_with_cache(loader, texts, embedding.chunking, cache,
+                                embedding.batch_size, keep)
+    unique = list(dict.fromkeys(texts))
+    todo = [text for text, have in zip(unique, cache.contains(
+        [text_digest(text) for text in unique]), strict=True) if not have]
+    ranges = split(len(todo), runner.shard_docs)
+    shards = [{"label": label, "shard": f"{i + 1}/{len(ranges)}",
+               "texts": todo[r.start:r.stop], "embedding": embedding,
+               "model_version": cache.model_version, "cache_url": cache.root_url,
+               "keep_token_embeddings": keep} for i, r in enumerate(ranges)]
+    if shards:
+        with Progress(f"embed-{label}", len(todo), f"embedding {label}", unit="texts") as bar:
+            map_shards(embed_shard, shards, lambda _i, n: bar.advance(n))
+    embedded, _ = embed_with_cache(loader, texts, embedding.chunking, cache,
+                                   embedding.batch_size, keep)
+    return embedded, len(todo)
+
+
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="model version")
 def encoder_version(model: str) -> str:
     """Digest of the encoder's files: part of every embedding cache key."""
@@ -688,13 +758,10 @@ def embed_documents(session_name: str, ingested: dict, embedding: EmbeddingConfi
     out = stage_output_dir("embed", EMBED_VERSION, scratch_dir)
     docs = pd.read_parquet(ingested["docs_path"])
     texts = [document_text(t, x) for t, x in zip(docs["title"], docs["text"], strict=True)]
-    model = load_encoder(embedding.model, embedding.device)
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking,
                            embedding.keep_token_embeddings)
     crash_point("embed.start")
-    embedded, n_embedded = embed_with_cache(
-        model, texts, embedding.chunking, cache, batch_size=embedding.batch_size,
-        keep_token_embeddings=embedding.keep_token_embeddings)
+    embedded, n_embedded = embed_stage(session_name, texts, embedding, cache)
     result = {"vectors_path": str(out / "doc_vectors.npy"), "n_docs": len(texts),
               "n_embedded": n_embedded, "dim": int(embedded.vectors.shape[1]),
               "n_windows": int(embedded.n_windows.sum())}

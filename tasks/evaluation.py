@@ -23,7 +23,7 @@ from infra.caching import cache_key_for, stage_output_dir
 from infra.config import EmbeddingConfig, EvaluationConfig
 from infra.faults import crash_point
 from infra.io import read_parquet
-from tasks.embedding import EmbeddingCache, embed_with_cache, load_encoder
+from tasks.embedding import EmbeddingCache, embed_stage
 from tasks.indexing import search
 
 EVALUATION_VERSION = "2"
@@ -126,7 +126,6 @@ def evaluate_sessions(session_name: str, index: dict, sessions: list[dict],
     faiss_index = faiss.read_index(index["index_path"])
     ids = pd.read_parquet(index["ids_path"])
     doc_keys = [global_doc_key(s, d) for s, d in zip(ids["session"], ids["doc_id"], strict=True)]
-    model = load_encoder(embedding.model, embedding.device)
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking)
 
     metrics: dict[str, dict[str, float]] = {}
@@ -139,8 +138,8 @@ def evaluate_sessions(session_name: str, index: dict, sessions: list[dict],
             continue
         queries = read_parquet(src["queries_url"])
         queries = queries[queries["query_id"].isin(qrels)]
-        embedded, _ = embed_with_cache(model, list(queries["text"]), embedding.chunking, cache,
-                                       batch_size=embedding.batch_size)
+        embedded, _ = embed_stage(f"queries {src['session']}", list(queries["text"]),
+                                  embedding, cache)
         scores, rows = search(faiss_index, embedded.vectors, evaluation.top_k)
         run = ranking_from_search(list(queries["query_id"]), scores, rows, doc_keys)
         metrics[src["session"]] = {**retrieval_metrics(qrels, run), "n_queries": len(queries)}

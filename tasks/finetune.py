@@ -18,6 +18,10 @@ kernels may differ in the last bits.
 Outputs under `out_dir`: `model/` (safetensors weights plus the sentence-transformers config;
 its digest is `tasks.embedding.model_version`), `tensorboard/` (loss curve, only when the
 `tensorboard` package is importable), `trainer/` (the trainer's scratch; no checkpoints).
+
+Progress. Optimizer steps are reported through `infra.progress.Progress` under the key
+`train-<session>`: a Prefect progress artifact inside a run, a terminal bar when the CLI enabled
+bars (the trainer's own tqdm bars stay off).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from infra.config import FinetuneConfig
+from infra.progress import Progress
 from tasks.embedding import model_version, resolve_device
 from tasks.sampling import training_budget
 
@@ -73,6 +78,32 @@ def _training_frame(examples: pd.DataFrame, use_negatives: bool) -> tuple[pd.Dat
     return frame.astype(str).reset_index(drop=True), reason
 
 
+def _training_progress(session: str) -> Any:
+    """A `TrainerCallback` that reports optimizer steps as `Progress("train-<session>")`."""
+    from transformers import TrainerCallback
+
+    class TrainingProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.progress: Progress | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.close()
+            self.progress = Progress(key=f"train-{session}", total=state.max_steps,
+                                     description=f"training {session}", unit="steps")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
+
+    return TrainingProgress()
+
+
 def _fixed_batch_sampler(batches: list[list[int]]) -> Any:
     """A sentence-transformers batch-sampler factory that yields exactly `batches`."""
     from sentence_transformers.base.sampler import DefaultBatchSampler
@@ -94,8 +125,12 @@ def _fixed_batch_sampler(batches: list[list[int]]) -> Any:
 
 
 def _build_trainer(model_path: str, frame: pd.DataFrame, config: FinetuneConfig, out_dir: Path,
-                   batches: list[list[int]] | None, steps: int, seed: int) -> Any:
-    """The model (loaded fresh) and a configured `SentenceTransformerTrainer`."""
+                   batches: list[list[int]] | None, steps: int, seed: int,
+                   session: str = "model") -> Any:
+    """The model (loaded fresh) and a configured `SentenceTransformerTrainer`.
+
+    session: names the run in progress reports (`train-<session>`).
+    """
     import transformers
     from datasets import Dataset
     from sentence_transformers import (
@@ -121,7 +156,7 @@ def _build_trainer(model_path: str, frame: pd.DataFrame, config: FinetuneConfig,
                                                   mini_batch_size=config.mini_batch_size)
     else:
         loss = MultipleNegativesRankingLoss(model, scale=config.scale)
-    callbacks = []
+    callbacks = [_training_progress(session)]
     if tensorboard_available():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -142,7 +177,7 @@ def _build_trainer(model_path: str, frame: pd.DataFrame, config: FinetuneConfig,
         save_strategy="no",
         report_to="none",  # TensorBoard goes through our own callback, into out_dir
         use_cpu=device == "cpu",
-        disable_tqdm=True,
+        disable_tqdm=True,  # progress goes through infra.progress: one bar per stage
         dataloader_num_workers=0,
         batch_sampler=(_fixed_batch_sampler(batches) if batches is not None
                        else BatchSamplers.NO_DUPLICATES),
@@ -150,6 +185,11 @@ def _build_trainer(model_path: str, frame: pd.DataFrame, config: FinetuneConfig,
     dataset = Dataset.from_dict({c: frame[c].tolist() for c in frame.columns})
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
                                          loss=loss, callbacks=callbacks)
+    # Without tqdm the trainer prints every log dict to stdout; the loss goes to TensorBoard,
+    # the run's log and the progress report instead.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     return model, trainer
 
 
@@ -177,6 +217,7 @@ def fine_tune(
     out_dir: str | Path,
     batch_order: Sequence[Sequence[int] | np.ndarray] | None = None,
     seed: int | None = None,
+    session: str = "model",
 ) -> dict[str, Any]:
     """Fine-tune the model at `model_path` on `examples`, save it under `out_dir/model`.
 
@@ -184,7 +225,9 @@ def fine_tune(
     A negative column with a missing value, or `config.hard_negatives` off, means in-batch
     negatives only. batch_order: row positions per batch (one optimizer step each), e.g.
     `plan_batches(...).batches`; None: `training_budget` steps of no-duplicate random batches.
-    seed: defaults to `config.seed`.
+    seed: defaults to `config.seed`. session: names the run in progress reports (key
+    `train-<session>`), else
+    "model". It does not change what is trained.
 
     Returns a JSON-ready dict: model_path, model_version (digest of the saved folder), steps,
     final_loss (mean of the last logging period), mean_loss (whole run), train_seconds,
@@ -212,7 +255,8 @@ def fine_tune(
     for line in notes:
         logger.info(line)
 
-    model, trainer = _build_trainer(model_path, frame, config, out_dir, batches, steps, seed)
+    model, trainer = _build_trainer(model_path, frame, config, out_dir, batches, steps, seed,
+                                    session=session)
     started = time.perf_counter()
     output = trainer.train()
     train_seconds = time.perf_counter() - started

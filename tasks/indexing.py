@@ -23,7 +23,7 @@ from infra.caching import cache_key_for, stage_output_dir
 from infra.config import EmbeddingConfig, IndexConfig, IndexKind
 from infra.faults import crash_point
 from infra.io import read_npy, read_parquet
-from tasks.embedding import EmbeddingCache, document_text, embed_with_cache, load_encoder
+from tasks.embedding import EmbeddingCache, document_text, embed_stage
 
 try:
     import faiss
@@ -136,7 +136,6 @@ def reembed_sources(session_name: str, sources: list[dict], embedding: Embedding
     stale = [src for src in sources if src["model_version"] != model_version]
     if not stale:
         return {"sources": sources, "seconds": 0.0}
-    model = load_encoder(embedding.model, embedding.device)
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking)
     known_rows = pd.Series(dtype=np.int64)
     known_vectors = np.zeros((0, 0), np.float32)
@@ -157,8 +156,7 @@ def reembed_sources(session_name: str, sources: list[dict], embedding: Embedding
         vectors = np.empty((len(docs), known_vectors.shape[1] or 1), np.float32)
         if len(todo):
             texts = [document_text(docs["title"].iat[i], docs["text"].iat[i]) for i in todo]
-            embedded, fresh = embed_with_cache(model, texts, embedding.chunking, cache,
-                                               batch_size=embedding.batch_size)
+            embedded, fresh = embed_stage(f"corpus {src['session']}", texts, embedding, cache)
             if vectors.shape[1] != embedded.vectors.shape[1]:
                 vectors = np.empty((len(docs), embedded.vectors.shape[1]), np.float32)
             vectors[todo] = embedded.vectors

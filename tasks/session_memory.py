@@ -49,7 +49,7 @@ from infra.faults import crash_point
 from infra.io import read_npy, read_parquet
 from tasks.cluster_ids import apply_mapping, issue_cluster_ids, match_clusters
 from tasks.cluster_quality import cluster_report
-from tasks.embedding import EmbeddingCache, doc_texts_of, embed_with_cache, load_encoder
+from tasks.embedding import EmbeddingCache, doc_texts_of, embed_stage
 from tasks.memory import (
     MEMORY_COLUMNS,
     CentroidTable,
@@ -576,10 +576,9 @@ def reembed_memory(session_name: str, memory: dict, docs_urls: dict[str, str],
     state, spec, planes = load_memory_state(str(Path(memory["files"]["memory/state.json"]).parent))
     keys = state.memory["doc_key"].to_numpy(dtype=object)
     texts = doc_texts_of(state.memory["session"].tolist(), docs_urls)
-    model = load_encoder(embedding.model, embedding.device)
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking, True)
-    embedded, _ = embed_with_cache(model, texts.loc[keys].tolist(), embedding.chunking, cache,
-                                   batch_size=embedding.batch_size, keep_token_embeddings=True)
+    embedded, _ = embed_stage(f"memory {session_name}", texts.loc[keys].tolist(), embedding,
+                              cache)
     arrays = embedded.token_embeddings or []
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
     tokens = (np.concatenate(arrays) if arrays

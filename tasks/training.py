@@ -21,7 +21,7 @@ from infra.caching import cache_key_for, stage_output_dir
 from infra.config import EmbeddingConfig, FinetuneConfig, SamplingConfig, SamplingMode
 from infra.faults import crash_point
 from infra.io import read_npy, read_parquet
-from tasks.embedding import EmbeddingCache, doc_texts_of, embed_with_cache, load_encoder
+from tasks.embedding import EmbeddingCache, doc_texts_of, embed_stage
 from tasks.finetune import FINETUNE_VERSION, fine_tune
 from tasks.memory import next_stream_index
 from tasks.prototypes import query_prototypes
@@ -41,12 +41,10 @@ from tasks.session_memory import load_memory_state, split_tokens, take_ragged
 SAMPLE_VERSION = "1"
 
 
-def _embed(texts: list[str], embedding: EmbeddingConfig, model_version: str, cache_url: str,
-           tokens: bool) -> tuple[np.ndarray, RaggedTokens | None]:
-    model = load_encoder(embedding.model, embedding.device)
+def _embed(label: str, texts: list[str], embedding: EmbeddingConfig, model_version: str,
+           cache_url: str, tokens: bool) -> tuple[np.ndarray, RaggedTokens | None]:
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking, tokens)
-    embedded, _ = embed_with_cache(model, texts, embedding.chunking, cache,
-                                   batch_size=embedding.batch_size, keep_token_embeddings=tokens)
+    embedded, _ = embed_stage(label, texts, embedding, cache)
     if not tokens:
         return embedded.vectors, None
     arrays = embedded.token_embeddings or []
@@ -95,7 +93,8 @@ def sample_training(session_name: str, ingested: dict, embedded: dict, memory: d
 
     queries = training_queries(read_parquet(ingested["queries_path"]),
                                read_parquet(ingested["qrels_path"]), session_name, sampling.mode)
-    query_vectors, query_tokens = _embed(queries["text"].tolist(), embedding, model_version,
+    query_vectors, query_tokens = _embed(f"training queries {session_name}",
+                                         queries["text"].tolist(), embedding, model_version,
                                          cache_url, tokens=selfsup)
     probe_vectors = None
     if selfsup and state.representation == "prototypes":
@@ -105,7 +104,8 @@ def sample_training(session_name: str, ingested: dict, embedded: dict, memory: d
     if previous_training is not None:
         buffer = read_parquet(previous_training["query_buffer_url"])
         seen = int(previous_training["buffer_seen"])
-    buffer_vectors, _ = _embed(buffer["query_text"].astype(str).tolist(), embedding,
+    buffer_vectors, _ = _embed(f"query buffer {session_name}",
+                               buffer["query_text"].astype(str).tolist(), embedding,
                                model_version, cache_url, tokens=False)
 
     result = sample_session(
@@ -168,7 +168,8 @@ def fine_tune_session(session_name: str, sampled: dict, finetune: FinetuneConfig
     flat, sizes = read_npy(sampled["batches_path"]), read_npy(sampled["batch_sizes_path"])
     batches = np.split(flat, np.cumsum(sizes)[:-1])
     crash_point("train.start")
-    result = fine_tune(start["path"], texts, finetune, out, batch_order=batches)
+    result = fine_tune(start["path"], texts, finetune, out, batch_order=batches,
+                       session=session_name)
     crash_point("train.write")
     # what the run did, without wall times or scratch paths: a rerun writes the same bytes
     (out / "training.json").write_text(json.dumps(
