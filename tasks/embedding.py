@@ -204,6 +204,18 @@ class EmbeddedTexts:
             tokens = [self.token_embeddings[i] for i in idx.tolist()]
         return EmbeddedTexts(self.vectors[idx], self.n_windows[idx], tokens)
 
+    def stacked_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """The token embeddings as one (total tokens, hidden) float16 array, text i at rows
+        offsets[i]:offsets[i + 1] of the (n + 1,) int64 offsets."""
+        if self.token_embeddings is None:
+            raise ValueError("these embeddings kept no token embeddings")
+        arrays = self.token_embeddings
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        tokens = (np.concatenate(arrays) if arrays
+                  else np.zeros((0, self.vectors.shape[1]), np.float16))
+        return tokens, offsets
+
 
 def effective_window_tokens(model: SentenceTransformer, chunking: ChunkingConfig) -> int:
     """Window length in tokens (special tokens included), capped at `model.max_seq_length`."""
@@ -767,9 +779,9 @@ def embed_documents(session_name: str, ingested: dict, embedding: EmbeddingConfi
               "n_windows": int(embedded.n_windows.sum())}
     _save_npy(out / "doc_vectors.npy", embedded.vectors)
     if embedded.token_embeddings is not None:
-        counts = np.array([len(t) for t in embedded.token_embeddings], dtype=np.int64)
-        _save_npy(out / "token_offsets.npy", np.concatenate([[0], np.cumsum(counts)]))
-        _save_npy(out / "token_embeddings.npy", np.concatenate(embedded.token_embeddings))
+        tokens, offsets = embedded.stacked_tokens()
+        _save_npy(out / "token_offsets.npy", offsets)
+        _save_npy(out / "token_embeddings.npy", tokens)
         result["tokens_path"] = str(out / "token_embeddings.npy")
         result["token_offsets_path"] = str(out / "token_offsets.npy")
     logger.info("session %s: %d documents, %d embedded (%d from cache), %d windows",

@@ -579,10 +579,7 @@ def reembed_memory(session_name: str, memory: dict, docs_urls: dict[str, str],
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking, True)
     embedded, _ = embed_stage(f"memory {session_name}", texts.loc[keys].tolist(), embedding,
                               cache)
-    arrays = embedded.token_embeddings or []
-    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
-    tokens = (np.concatenate(arrays) if arrays
-              else np.zeros((0, embedded.vectors.shape[1]), np.float16))
+    tokens, offsets = embedded.stacked_tokens()
     new_state = reembedded_state(state, embedded.vectors, tokens, offsets, spec, planes)
     state_dir = out / "memory"
     save_memory_state(state_dir, new_state, spec, planes)

@@ -47,11 +47,7 @@ def _embed(label: str, texts: list[str], embedding: EmbeddingConfig, model_versi
     embedded, _ = embed_stage(label, texts, embedding, cache)
     if not tokens:
         return embedded.vectors, None
-    arrays = embedded.token_embeddings or []
-    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
-    stacked = (np.concatenate(arrays) if arrays
-               else np.zeros((0, embedded.vectors.shape[1]), np.float16))
-    return embedded.vectors, RaggedTokens(stacked, offsets)
+    return embedded.vectors, RaggedTokens(*embedded.stacked_tokens())
 
 
 @task(cache_key_fn=cache_key_for("sample", SAMPLE_VERSION), persist_result=True,

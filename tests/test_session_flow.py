@@ -17,7 +17,7 @@ from flows.session import session_flow
 from flows.stream import stream_flow
 from infra.config import ChunkingConfig, EmbeddingConfig, SessionConfig
 from infra.faults import InjectedFailure
-from infra.lock import StoreLocked
+from infra.lock import StoreLock, StoreLocked
 from infra.store import Store, StoreError
 from tasks.ingest import SessionFormatError
 
@@ -232,16 +232,33 @@ def test_two_runs_at_once_on_one_store_take_turns(tmp_path, sessions):
     assert not list(store_dir.glob(".lock*"))  # the lock is released
 
 
-def test_a_run_that_may_not_wait_fails_naming_the_holder(tmp_path, sessions):
+def test_a_run_waits_while_another_holds_the_store_then_publishes(tmp_path, sessions):
     store_dir = tmp_path / "store"
+    session_flow(str(sessions[0]), str(store_dir))
+    outcome: dict[str, object] = {}
+    holder = StoreLock(Store(str(store_dir)).url, owner_label="another run (test)").acquire()
+    try:
+        runner = threading.Thread(target=lambda: outcome.update(
+            result=session_flow(str(sessions[1]), str(store_dir))))
+        runner.start()
+        runner.join(timeout=8)
+        assert runner.is_alive() and not outcome  # waiting for the store
+        assert [m.name for m in Store(str(store_dir)).sessions()] == ["alpha"]
+    finally:
+        holder.release()
+    runner.join(timeout=300)
+    assert outcome["result"]["index"] == 1
+
+
+def test_a_run_that_may_not_wait_fails_naming_the_holder_and_changes_nothing(tmp_path,
+                                                                            sessions):
+    store_dir = tmp_path / "store"
+    session_flow(str(sessions[0]), str(store_dir))
+    before = snapshot(store_dir)
     config = SessionConfig.model_validate({"lock": {"wait_seconds": 0}})
-    outcomes = _run_at_once(sessions, store_dir, config)
-    published = [n for n, o in outcomes.items() if isinstance(o, dict)]
-    refused = [o for o in outcomes.values() if isinstance(o, StoreLocked)]
-    assert len(published) == 1 and len(refused) == 1, outcomes
-    assert f"store {Store(str(store_dir)).url} is locked by another run" in str(refused[0])
-    assert "flow run" in str(refused[0]) or "global concurrency limit" in str(refused[0])
-    assert [m.name for m in Store(str(store_dir)).sessions()] == published
-    # the refused session goes in on its next run
-    refused_name = (set(outcomes) - set(published)).pop()
-    assert session_flow(str(tmp_path / "in" / refused_name), str(store_dir))["index"] == 1
+    with StoreLock(Store(str(store_dir)).url, owner_label="another run (test)"):
+        with pytest.raises(StoreLocked, match=r"locked by another run .*\(another run \(test\)\)"):
+            session_flow(str(sessions[1]), str(store_dir), config)
+    assert snapshot(store_dir) == before
+    # it goes in on its next run
+    assert session_flow(str(sessions[1]), str(store_dir), config)["index"] == 1
