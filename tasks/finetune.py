@@ -226,8 +226,7 @@ def fine_tune(
     negatives only. batch_order: row positions per batch (one optimizer step each), e.g.
     `plan_batches(...).batches`; None: `training_budget` steps of no-duplicate random batches.
     seed: defaults to `config.seed`. session: names the run in progress reports (key
-    `train-<session>`), else
-    "model". It does not change what is trained.
+    `train-<session>`); it does not change what is trained.
 
     Returns a JSON-ready dict: model_path, model_version (digest of the saved folder), steps,
     final_loss (mean of the last logging period), mean_loss (whole run), train_seconds,

@@ -8,7 +8,6 @@ it to the store, which stages, renames and writes the manifest last.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from infra.caching import scratch_for
 from infra.config import SessionConfig
 from infra.store import SessionManifest, Store
-from infra.writer import held_store_lock, store_writer
+from infra.writer import held_store_lock
 from tasks.ingest import SessionFormatError, session_digest, validate_session
 
 MEMORY_STATE = "memory/state.json"
@@ -200,13 +199,12 @@ def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, eva
     # The flow holds the store for the whole run (`infra.writer.store_writer`); publishing
     # only confirms the lease is still ours, so a run that lost its lock never writes.
     lock = held_store_lock(store.url)
-    with contextlib.ExitStack() as stack:
-        if lock is None:  # called outside the session flow: hold the store just for this
-            lock = stack.enter_context(store_writer(store.url, f"publish {plan['name']}",
-                                                    config.lock))
-        lock.check()
-        store.ensure()
-        manifest = store.publish_session(folder, manifest)
+    if lock is None:
+        raise RuntimeError(f"publishing into {store.url} outside a run that holds the store "
+                           "(publish_session runs inside session_flow)")
+    lock.check()
+    store.ensure()
+    manifest = store.publish_session(folder, manifest)
     shutil.rmtree(folder, ignore_errors=True)
     get_run_logger().info("published session %s as #%d in %s", manifest.name, manifest.index,
                           store.url)
