@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The pinned CPU build first: an unpinned torch would pull a CUDA build of several GB.
 	$(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e '.[cpu,dev]'
+	$(BIN)/python -m pip install -e '.[cpu,dask,tensorboard,dev]'
 	touch $(STAMP)
 
 env: $(STAMP) ## Create .venv/ (CPU torch first) if it is missing or stale

@@ -40,7 +40,7 @@ def synthetic_embeddings(
     n: int, dim: int, topics: int, noise: float, concentration: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(n, dim) float32 unit vectors around `topics` random directions, and (n,) topic labels."""
-    from tasks.warmup import unit_rows
+    from driftlane.tasks.warmup import unit_rows
 
     rng = np.random.default_rng(seed)
     directions = unit_rows(rng.standard_normal((topics, dim)))
@@ -55,8 +55,8 @@ def measure_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
-    from tasks.cluster_ids import apply_mapping, match_clusters
-    from tasks.warmup import choose_k_and_cluster
+    from driftlane.tasks.cluster_ids import apply_mapping, match_clusters
+    from driftlane.tasks.warmup import choose_k_and_cluster
 
     vectors, topics = synthetic_embeddings(n, args.dim, args.topics, args.noise,
                                            args.topic_concentration, args.data_seed)

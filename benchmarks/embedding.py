@@ -40,7 +40,7 @@ DEFAULT_DATASETS = Path(
 
 def read_corpus_texts(folder: Path, limit: int | None = None) -> list[str]:
     """Texts (title + " " + text) of a BEIR corpus.jsonl or corpus.jsonl.gz, in file order."""
-    from tasks.embedding import document_text
+    from driftlane.tasks.texts import document_text
 
     path = folder / "corpus.jsonl"
     opener: Callable[..., Any] = open
@@ -66,8 +66,8 @@ def measure_throughput(
     time counts. Tokens are those fed to the model, special tokens included, padding excluded:
     encode truncates each text to one window, embed_texts feeds every window.
     """
-    from tasks.chunking import special_tokens_of, tokenize_content, window_table
-    from tasks.embedding import effective_window_tokens, embed_texts
+    from driftlane.tasks.chunking import special_tokens_of, tokenize_content, window_table
+    from driftlane.tasks.embedding import effective_window_tokens, embed_texts
 
     texts = list(texts)
     special = special_tokens_of(model.tokenizer)
@@ -131,9 +131,9 @@ def measure_throughput(
 
 def throughput_section(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     """Overhead on one-window texts, and tokens/s on the corpus texts as they are."""
-    from infra.config import ChunkingConfig
-    from tasks.chunking import special_tokens_of, tokenize_content
-    from tasks.embedding import effective_window_tokens
+    from driftlane.infra.config import ChunkingConfig
+    from driftlane.tasks.chunking import special_tokens_of, tokenize_content
+    from driftlane.tasks.embedding import effective_window_tokens
 
     chunking = ChunkingConfig(window_tokens=args.window_tokens, overlap_tokens=args.overlap_tokens)
     corpus = read_corpus_texts(args.datasets / args.dataset)
@@ -168,8 +168,8 @@ def cached_rerun_section(args: argparse.Namespace, model: Any) -> dict[str, Any]
     )
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.session import session_flow
-    from infra.config import ChunkingConfig, EmbeddingConfig, SessionConfig
+    from driftlane.flows.session import session_flow
+    from driftlane.infra.config import ChunkingConfig, EmbeddingConfig, SessionConfig
 
     session = args.datasets / args.rerun_dataset
     config = SessionConfig(embedding=EmbeddingConfig(
@@ -216,7 +216,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, Any], dict[str, Any]]] = {
 def _environment(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from tasks.embedding import model_version
+    from driftlane.tasks.models import model_version
 
     device = str(model.device)
     if device.startswith("cuda"):
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from tasks.embedding import load_encoder
+    from driftlane.tasks.models import load_encoder
 
     model = load_encoder(args.model, args.device)
     command = " ".join(["python -m benchmarks.embedding", *(argv if argv is not None

@@ -107,7 +107,7 @@ def overlap_at(reference: np.ndarray, other: np.ndarray) -> float:
 def ranking_quality(scores: np.ndarray, exact_top: np.ndarray, query_ids: Sequence[str],
                     doc_keys: Sequence[str], qrels: dict) -> dict[str, float]:
     """Fidelity to exact MaxSim plus ranx metrics of the top-100 ranking of `scores`."""
-    from tasks.evaluation import retrieval_metrics
+    from driftlane.tasks.evaluation import retrieval_metrics
 
     top = top_k(scores, CANDIDATE_TOP)  # (n_queries, 100)
     run = {qid: {doc_keys[j]: float(scores[i, j]) for j in row}
@@ -118,10 +118,12 @@ def ranking_quality(scores: np.ndarray, exact_top: np.ndarray, query_ids: Sequen
 
 def load_collection(args: argparse.Namespace) -> dict[str, Any]:
     """Documents (first --max-docs), judged test queries and their qrels, embedded."""
-    from infra.config import ChunkingConfig
-    from tasks.embedding import document_text, embed_texts, load_encoder
-    from tasks.evaluation import global_doc_key, qrels_dict
-    from tasks.ingest import read_session
+    from driftlane.infra.config import ChunkingConfig
+    from driftlane.tasks.embedding import embed_texts
+    from driftlane.tasks.evaluation import global_doc_key, qrels_dict
+    from driftlane.tasks.ingest import read_session
+    from driftlane.tasks.models import load_encoder
+    from driftlane.tasks.texts import document_text
 
     session = read_session(args.datasets / args.dataset)
     corpus = session.corpus.iloc[: args.max_docs] if args.max_docs else session.corpus
@@ -181,7 +183,7 @@ def time_exact_maxsim(query_tokens: Sequence[np.ndarray], doc_tokens: Sequence[n
                       device: str, repeats: int) -> tuple[float, float, np.ndarray]:
     """Median seconds of exact MaxSim as called on stored arrays, and against documents
     normalized and padded beforehand; and the (n_queries, n_docs) scores."""
-    from tasks.scoring import maxsim_against_batches, maxsim_matrix, prepare_doc_batches
+    from driftlane.tasks.scoring import maxsim_against_batches, maxsim_matrix, prepare_doc_batches
 
     exact_s, exact = median_time(lambda: maxsim_matrix(query_tokens, doc_tokens, device=device),
                                  repeats, warm_up=False)
@@ -206,7 +208,7 @@ def time_prototypes(query_tokens: Sequence[np.ndarray], doc_protos: np.ndarray, 
                     planes: dict[str, np.ndarray], device: str, repeats: int) -> dict[str, float]:
     """Median seconds of prototype scoring: query encoding + one matmul against the document
     prototypes (already on `device`), and the matmul alone."""
-    from tasks.prototypes import query_prototypes
+    from driftlane.tasks.prototypes import query_prototypes
 
     doc_tensor = torch.as_tensor(doc_protos, device=device)  # (n_docs, output_dim)
 
@@ -236,8 +238,8 @@ def recommend(rows: Sequence[dict[str, Any]], tolerance: float = 0.01) -> dict[s
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from tasks.embedding import resolve_device
-    from tasks.prototypes import (
+    from driftlane.tasks.models import resolve_device
+    from driftlane.tasks.prototypes import (
         PrototypeSpec,
         document_prototypes,
         make_hyperplanes,
@@ -413,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, help="write JSON here, and a .md table beside it")
     args = parser.parse_args(argv)
 
-    from tasks.embedding import resolve_device
+    from driftlane.tasks.models import resolve_device
 
     command = " ".join(["python -m benchmarks.prototypes",
                         *(argv if argv is not None else sys.argv[1:])])

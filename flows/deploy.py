@@ -1,6 +1,6 @@
 """Serve driftlane's deployments from one process: the one-command local set-up.
 
-    python -m flows.deploy --store ~/stores/lab --landing ~/landing [--interval 300]
+    python -m driftlane.flows.deploy --store ~/stores/lab --landing ~/landing [--interval 300]
 
 serves three deployments against the Prefect server in PREFECT_API_URL:
 
@@ -24,7 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from infra.store import normalize_url
+from driftlane.infra.store import normalize_url
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -47,10 +47,10 @@ def build_deployments(store_url: str, landing_url: str,
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.ingestion import DEFAULT_MARKER, landing_flow
-    from flows.session import session_flow
-    from flows.stream import stream_flow
-    from infra.config import load_config
+    from driftlane.flows.ingestion import DEFAULT_MARKER, landing_flow
+    from driftlane.flows.session import session_flow
+    from driftlane.flows.stream import stream_flow
+    from driftlane.infra.config import load_config
 
     store_url, landing_url = normalize_url(store_url), normalize_url(landing_url)
     # One run per deployment at a time; later ones queue (the store lock still guards
@@ -58,7 +58,7 @@ def build_deployments(store_url: str, landing_url: str,
     one_at_a_time = ConcurrencyLimitConfig(limit=1,
                                            collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     # Flow runs start as `python -m prefect.engine` subprocesses that import the flow; a
-    # module entrypoint (flows.session.session_flow) works from any working directory.
+    # module entrypoint (driftlane.flows.session.session_flow) works from any working directory.
     options = {"concurrency_limit": one_at_a_time, "paused": False,
                "entrypoint_type": EntrypointType.MODULE_PATH}
     common = {"store_url": store_url}
@@ -84,7 +84,7 @@ def build_deployments(store_url: str, landing_url: str,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m flows.deploy",
+        prog="python -m driftlane.flows.deploy",
         description="Serve driftlane's session, stream and scheduled ingestion deployments.")
     parser.add_argument("--store", required=True, help="store URL (local folder or fsspec URL)")
     parser.add_argument("--landing", required=True,
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from prefect import serve
 
-    from infra.config import ConfigError
+    from driftlane.infra.config import ConfigError
 
     try:
         deployments = build_deployments(args.store, args.landing,

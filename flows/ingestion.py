@@ -23,8 +23,8 @@ from prefect import flow, get_run_logger, tags, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from infra.config import SessionConfig
-from infra.store import Store, normalize_url
+from driftlane.infra.config import SessionConfig
+from driftlane.infra.store import Store, normalize_url
 
 DEFAULT_MARKER = "_READY"
 
@@ -87,7 +87,7 @@ def landing_flow(landing_url: str, store_url: str,
         return {**found, "ran": []}
     # Imported only now: most scheduled runs find nothing new, and the session flow's
     # imports (torch, sentence-transformers) cost several seconds of CPU.
-    from flows.session import session_flow
+    from driftlane.flows.session import session_flow
 
     results = []
     for name in found["new"]:

@@ -12,19 +12,20 @@ from pathlib import PurePosixPath
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from infra.caching import result_storage_for
-from infra.config import SessionConfig, StartModel
-from infra.runners import shard_runner
-from infra.store import Store, normalize_url
-from infra.writer import store_writer
-from tasks.embedding import embed_documents
-from tasks.evaluation import evaluate_sessions, report_session
-from tasks.indexing import build_index, reembed_sources
-from tasks.ingest import ingest_session
-from tasks.models import start_model
-from tasks.publishing import plan_session, publish_session, stage_timings, training_files
-from tasks.session_memory import reembed_memory, update_session_memory
-from tasks.training import fine_tune_session, sample_training
+from driftlane.infra.caching import result_storage_for
+from driftlane.infra.config import SessionConfig, StartModel
+from driftlane.infra.runners import shard_runner
+from driftlane.infra.store import Store, normalize_url
+from driftlane.infra.writer import store_writer
+from driftlane.tasks.embedding_stage import embed_documents
+from driftlane.tasks.evaluation import evaluate_sessions, report_session
+from driftlane.tasks.indexing import build_index, reembed_sources
+from driftlane.tasks.ingest import ingest_session
+from driftlane.tasks.models import start_model
+from driftlane.tasks.publishing import plan_session, publish_session, stage_timings, training_files
+from driftlane.tasks.session_memory import reembed_memory, update_session_memory
+from driftlane.tasks.stage_results import EncoderModel, Source
+from driftlane.tasks.training import fine_tune_session, sample_training
 
 
 def session_run_name() -> str:
@@ -56,80 +57,78 @@ def _run_session(session_url: str, store_url: str, config: SessionConfig) -> dic
     store = Store(store_url)
     results = result_storage_for(store)
 
-    plan = plan_session(session_url, store_url, config.scratch_dir)
-    if plan["status"] == "published":
+    limit = config.ingest.max_document_chars
+    plan = plan_session(session_url, store_url, config.scratch_dir, limit)
+    if plan.status == "published":
         logger.info("session %s (digest %s) is already published in %s as #%d %s: nothing to do",
-                    plan["name"], plan["digest"][:12], store.url, plan["index"],
-                    plan["published_as"])
-        return {"status": "already-published", "name": plan["name"], "index": plan["index"]}
-    scratch = plan["scratch_dir"]
+                    plan.name, plan.digest[:12], store.url, plan.index, plan.published_as)
+        return {"status": "already-published", "name": plan.name, "index": plan.index}
+    scratch = plan.scratch_dir
 
     ingested = ingest_session.with_options(result_storage=results)(
-        session_url, plan["digest"], scratch)
+        session_url, plan.digest, scratch, limit)
     # The current model: the last session's (the base model for the first session)
-    start = start_model(plan["previous_model"], config.embedding.model, scratch)
+    start = start_model(plan.previous_model, config.embedding.model, scratch)
     # Documents that enter memory keep their token embeddings (term-based scoring).
     embedding = config.embedding.model_copy(update={
-        "model": start["path"],
+        "model": start.path,
         "keep_token_embeddings": config.embedding.keep_token_embeddings
         or config.memory.enabled})
     embedded = embed_documents.with_options(result_storage=results)(
-        plan["name"], ingested, embedding, start["version"], store.cache_url, scratch)
+        plan.name, ingested, embedding, start.version, store.cache_url, scratch)
 
     memory = None
     if config.memory.enabled:
         memory = update_session_memory.with_options(result_storage=results)(
-            plan["name"], ingested, embedded, plan["previous_memory"], config.memory, scratch)
+            plan.name, ingested, embedded, plan.previous_memory, config.memory, scratch)
 
-    docs_urls = {src["session"]: src["docs_url"] for src in plan["previous"]}
-    docs_urls[plan["name"]] = ingested["docs_path"]
-    final = {"path": start["path"], "version": start["version"]}
+    docs_urls = {src.session: src.docs_url for src in plan.previous}
+    docs_urls[plan.name] = ingested.docs_path
+    final = start
     sampled = trained = None
     if config.finetune.enabled and memory is not None:
         sampled = sample_training.with_options(result_storage=results)(
-            plan["name"], ingested, embedded, memory, docs_urls, plan["previous_training"],
-            config.sampling, config.finetune, embedding, start["version"], store.cache_url,
+            plan.name, ingested, embedded, memory, docs_urls, plan.previous_training,
+            config.sampling, config.finetune, embedding, start.version, store.cache_url,
             scratch)
         # DESIGN 8 trains the current model; joint retraining starts again from the base model
         init = (start if config.finetune.start_from == StartModel.previous
                 else start_model(None, config.embedding.model, scratch))
         trained = fine_tune_session.with_options(result_storage=results)(
-            plan["name"], sampled, config.finetune, init, scratch)
-        final = {"path": trained["model_path"], "version": trained["model_version"]}
+            plan.name, sampled, config.finetune, init, scratch)
+        final = EncoderModel(path=trained.model_path, version=trained.model_version)
     elif config.finetune.enabled:
         logger.warning("fine-tuning needs the clustered memory (memory.enabled): skipped")
-    final_embedding = embedding.model_copy(update={"model": final["path"],
+    final_embedding = embedding.model_copy(update={"model": final.path,
                                                    "keep_token_embeddings": False})
 
     # DESIGN 9: vectors from an older model are stale; re-embed, then rebuild the index
-    new_source = {"session": plan["name"], "docs_url": ingested["docs_path"],
-                  "vectors_url": embedded["vectors_path"], "model_version": start["version"],
-                  "queries_url": ingested["queries_path"], "qrels_url": ingested["qrels_path"]}
+    new_source = Source(session=plan.name, docs_url=ingested.docs_path,
+                        vectors_url=embedded.vectors_path, model_version=start.version,
+                        queries_url=ingested.queries_path, qrels_url=ingested.qrels_path)
     known = None
-    if memory is not None and final["version"] != start["version"]:
+    if memory is not None and final.version != start.version:
         memory = reembed_memory.with_options(result_storage=results)(
-            plan["name"], memory, docs_urls, embedding.model_copy(
-                update={"model": final["path"]}), final["version"], store.cache_url, scratch)
-        known = {"keys_url": memory["files"]["memory/memory.parquet"],
-                 "vectors_url": memory["files"]["memory/vectors.npy"]}
+            plan.name, memory, docs_urls, embedding.model_copy(update={"model": final.path}),
+            final.version, store.cache_url, scratch)
+        known = memory.member_vectors()
     reembedded = reembed_sources.with_options(result_storage=results)(
-        plan["name"], [*plan["previous"], new_source], final_embedding, final["version"],
+        plan.name, [*plan.previous, new_source], final_embedding, final.version,
         store.cache_url, scratch, known)
-    sources = reembedded["sources"]
+    sources = reembedded.sources
     index = build_index.with_options(result_storage=results)(
-        plan["name"], sources, config.index, scratch)
+        plan.name, sources, config.index, scratch)
     # DESIGN 10: every session so far, on its own test queries, against the whole corpus
     evaluation = evaluate_sessions.with_options(result_storage=results)(
-        plan["name"], index, sources, final_embedding, config.evaluation, final["version"],
+        plan.name, index, sources, final_embedding, config.evaluation, final.version,
         store.cache_url, scratch)
 
     timings = stage_timings(embedded, memory, sampled, trained, reembedded, index, evaluation)
-    report = report_session(plan["name"], plan["previous"], evaluation,
-                            memory["files"]["cluster_report.json"] if memory else None,
-                            timings, scratch)
-    extra = {**report["files"], **training_files(sampled, trained)}
-    manifest = publish_session(plan, ingested, {"vectors_path": sources[-1]["vectors_url"]},
-                               index, evaluation, config, final["version"], memory, extra)
-    return {"status": "published", "name": manifest["name"], "index": manifest["index"],
-            "metrics": evaluation["metrics"], "model_version": final["version"],
-            "summary": report["summary"], "timings": timings}
+    report = report_session(plan.name, plan.previous, evaluation,
+                            memory.cluster_report_path if memory else None, timings, scratch)
+    extra = {**report.files, **training_files(sampled, trained)}
+    manifest = publish_session(plan, ingested, sources[-1].vectors_url, index, evaluation,
+                               config, final.version, memory, extra)
+    return {"status": "published", "name": manifest.name, "index": manifest.index,
+            "metrics": evaluation.metrics, "model_version": final.version,
+            "summary": report.summary, "timings": timings}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow, tags
 
-from flows.session import session_flow, session_tags
-from infra.config import SessionConfig
+from driftlane.flows.session import session_flow, session_tags
+from driftlane.infra.config import SessionConfig
 
 
 @flow(name="driftlane-stream", flow_run_name="stream of {store_url}")

@@ -16,17 +16,38 @@ import uuid
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fsspec.implementations.local import LocalFileSystem
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from infra.store import Store
+from driftlane.infra.io import write_atomically
+from driftlane.infra.store import Store
+
+
+class StageResult(BaseModel):
+    """Base of a cached stage's result: frozen, persisted as JSON by Prefect.
+
+    `seconds` (and any other field in `timing_fields`) records what the stage cost when it
+    ran; it is reported, but it never enters the cache key of a stage that takes this result
+    as a parameter, so keys depend on content digests and versions only.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    timing_fields: ClassVar[frozenset[str]] = frozenset({"seconds"})
+
+    seconds: float = 0.0
+
+    def cache_identity(self) -> dict[str, Any]:
+        """The fields that say what the result is, without what it cost."""
+        return self.model_dump(mode="json", exclude=set(self.timing_fields))
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, StageResult):
+        return _jsonable(value.cache_identity())
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if isinstance(value, Enum):
@@ -86,9 +107,8 @@ def scratch_for(store: Store, scratch_base: str | None) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / "generation"
     if not marker.exists():
-        tmp = folder / f"generation.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(uuid.uuid4().hex[:12])
-        os.replace(tmp, marker)
+        generation = uuid.uuid4().hex[:12]
+        write_atomically(marker, lambda tmp: tmp.write_text(generation))
     return str(folder / marker.read_text().strip())
 
 

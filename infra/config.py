@@ -37,6 +37,15 @@ class _Section(BaseModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+class IngestConfig(_Section):
+    """Limits on what a session may hold, checked before anything is embedded."""
+
+    max_document_chars: int = Field(
+        default=1_000_000, ge=1, le=1_000_000_000,
+        description="Longest document accepted (title plus text, in characters); a longer "
+                    "one rejects the session, naming its file and line.")
+
+
 class ChunkingConfig(_Section):
     """Overlapping token windows for documents longer than the encoder's window."""
 
@@ -116,7 +125,7 @@ class ClusterRepresentation(StrEnum):
 
 
 class EvictionStrategy(StrEnum):
-    """How memory is brought back under its budget (see tasks.memory.evict)."""
+    """How memory is brought back under its budget (see tasks.eviction.evict)."""
 
     cluster_aware = "cluster_aware"
     reservoir = "reservoir"
@@ -311,12 +320,13 @@ class LockConfig(_Section):
 
 
 # Sections that change how a run is carried out, not what it computes or publishes.
-OPERATIONAL_SECTIONS = frozenset({"runner", "lock"})
+OPERATIONAL_SECTIONS = frozenset({"runner", "lock", "ingest"})
 
 
 class SessionConfig(_Section):
     """Everything one session run needs to know besides its input and its store."""
 
+    ingest: IngestConfig = IngestConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     memory: MemoryConfig = MemoryConfig()
     sampling: SamplingConfig = SamplingConfig()

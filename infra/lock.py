@@ -76,7 +76,10 @@ from typing import Any
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from infra.store import normalize_url
+from driftlane.infra.logs import module_logger
+from driftlane.infra.store import normalize_url
+
+logger = module_logger(__name__)
 
 LOCK_NAME = ".lock"
 BREAK_NAME = ".lock-break"
@@ -128,6 +131,28 @@ def describe_owner(owner: dict[str, Any] | None) -> str:
             f"taken {_iso(owner.get('acquired_at'))}, lease expires {_iso(expires)}{left}")
 
 
+def expiry_is_stale(owner: dict[str, Any], now: float, lease_seconds: float,
+                    grace_seconds: float, store: str) -> bool:
+    """Whether an owner record's `expires_at` says its lease is over.
+
+    A lease is over once `expires_at + grace` has passed. An expiry further ahead than the
+    record's own lease plus the grace cannot come from an honest holder whose clock is within
+    the tolerated skew (a renewal sets it to its now + lease): a hand edit or a badly skewed
+    clock. Such a lock would block the store until then, so it is stale too, with a warning.
+    """
+    expires = owner["expires_at"]
+    if now > expires + grace_seconds:
+        return True
+    lease = owner.get("lease_seconds")
+    lease = float(lease) if isinstance(lease, int | float) and lease > 0 else lease_seconds
+    if expires > now + lease + grace_seconds:
+        logger.warning("store %s: the lock's lease expires %.0f s from now, more than its own "
+                       "lease of %.0f s (clock skew or a hand edit); treating it as stale: %s",
+                       store, expires - now, lease, describe_owner(owner))
+        return True
+    return False
+
+
 def _locked_message(store: str, holder: str, waited: float) -> str:
     waited_txt = f" (waited {waited:.1f} s)" if waited > 0 else ""
     return (f"store {store} is locked by another run{waited_txt}: {holder}. "
@@ -140,7 +165,7 @@ class StoreLock:
 
     `lease_seconds`: how long the lock stays valid without renewal. `wait_seconds`: how long
     `acquire()` polls (every `poll_seconds`) before raising `StoreLocked`; 0 fails at once.
-    `keep_alive`: renew every lease/3 from a daemon thread until `release()`.
+    `keep_alive`: renew every lease/6 from a daemon thread until `release()`.
     `grace_seconds`: the clock skew between hosts tolerated before a lapsed lease is broken.
     """
 
@@ -265,9 +290,13 @@ class StoreLock:
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()
-        interval = self.lease_seconds / 3
+        # Renew six times per lease: a loaded machine that schedules the thread late, or a
+        # slow store, still renews long before the lease runs out. A renewal that comes
+        # later than a third of the lease after the previous one is a warning sign.
+        interval, late = self.lease_seconds / 6, self.lease_seconds / 3
 
         def beat() -> None:
+            last = time.monotonic()
             while not self._stop.wait(interval):
                 try:
                     self.renew()
@@ -277,6 +306,13 @@ class StoreLock:
                     return  # released meanwhile
                 except OSError:
                     continue  # transient filesystem error: retry before the lease runs out
+                now = time.monotonic()
+                if now - last > late:
+                    logger.warning("store %s: the lock was renewed %.1f s after the previous "
+                                   "renewal (lease %.0f s): the machine or the store is slow; "
+                                   "a renewal later than the lease loses the lock",
+                                   self.store, now - last, self.lease_seconds)
+                last = now
 
         self._thread = threading.Thread(target=beat, name=f"storelock-{self.store}",
                                         daemon=True)
@@ -383,10 +419,9 @@ class _PosixBackend:
             return now > st.st_mtime + self.lock.lease_seconds + grace
         if record.get("released"):
             return True
-        expires = record.get("expires_at")
-        if not isinstance(expires, int | float):
+        if not isinstance(record.get("expires_at"), int | float):
             return now > st.st_mtime + self.lock.lease_seconds + grace
-        return now > expires + grace
+        return expiry_is_stale(record, now, self.lock.lease_seconds, grace, self.lock.store)
 
     @staticmethod
     def _unlink(path: str) -> None:
@@ -574,10 +609,10 @@ class _FsspecBackend:
             current = self._read()
             if current is None:
                 continue
-            expires = current.get("expires_at")
             stale = current.get("released") or (
-                isinstance(expires, int | float)
-                and time.time() > expires + self.lock.grace_seconds)
+                isinstance(current.get("expires_at"), int | float)
+                and expiry_is_stale(current, time.time(), self.lock.lease_seconds,
+                                    self.lock.grace_seconds, self.lock.store))
             if not stale:
                 return False, current
             with contextlib.suppress(FileNotFoundError):  # weaker: check-then-delete

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-import logging
+import hashlib
 import re
 import sys
 import time
@@ -20,9 +20,11 @@ from types import TracebackType
 from typing import Any
 from uuid import UUID
 
-__all__ = ["UPDATE_INTERVAL_S", "Progress", "enable_cli_bars"]
+from driftlane.infra.logs import module_logger
 
-logger = logging.getLogger(__name__)
+__all__ = ["UPDATE_INTERVAL_S", "Progress", "artifact_key", "enable_cli_bars"]
+
+logger = module_logger(__name__)
 
 # Least seconds between two artifact updates (each is an API call); close() always reports.
 UPDATE_INTERVAL_S = 2.0
@@ -36,12 +38,17 @@ def enable_cli_bars(enabled: bool = True) -> None:
     _cli_bars = enabled
 
 
-def _artifact_key(key: str) -> str:
-    """`key` as a Prefect artifact key: lowercase letters, digits and dashes only.
+def artifact_key(key: str, fallback: str = "progress") -> str:
+    """`key` as a Prefect artifact key: ASCII lowercase letters, digits and dashes only.
 
-    "embed 00_scifact" -> "embed-00-scifact".
+    "embed 00_scifact" -> "embed-00-scifact". A name with other letters ("café", "空") keeps
+    its ASCII part and gains a short digest of the whole name, so two such sessions never
+    share a key: "report-caf-1a2b3c4d".
     """
-    return re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-") or "progress"
+    slug = re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-") or fallback
+    if not key.isascii():
+        slug = f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return slug
 
 
 def _in_prefect_run() -> bool:
@@ -59,7 +66,7 @@ class Progress:
     """
 
     def __init__(self, key: str, total: int, description: str, unit: str = "items") -> None:
-        self.key = _artifact_key(key)
+        self.key = artifact_key(key)
         self.total = max(int(total), 0)
         self.description = description
         self.done = 0

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
 
-from infra.config import RunnerConfig, RunnerKind
+from driftlane.infra.config import RunnerConfig, RunnerKind
 
 
 class _RunnerSlot:
@@ -51,9 +51,9 @@ def make_task_runner(config: RunnerConfig) -> Any:
     if config.kind == RunnerKind.dask:
         try:
             from prefect_dask import DaskTaskRunner
-        except ImportError as exc:  # pragma: no cover - prefect-dask is a dependency
-            raise RuntimeError("runner.kind = 'dask' needs prefect-dask "
-                               "(pip install prefect-dask)") from exc
+        except ImportError as exc:  # pragma: no cover - the Makefile installs the extra
+            raise RuntimeError("runner.kind = 'dask' needs prefect-dask: install driftlane "
+                               "with its `dask` extra (pip install 'driftlane[dask]')") from exc
         if config.dask_address:
             return DaskTaskRunner(address=config.dask_address)
         return DaskTaskRunner(cluster_kwargs={

@@ -18,6 +18,7 @@ copy, which is why the manifest, not the folder, marks a session complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from infra.faults import crash_point
+from driftlane.infra.faults import crash_point
 
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -38,6 +39,10 @@ MANIFEST = "manifest.json"
 
 class StoreError(RuntimeError):
     """The store refused an operation; the message says which session and why."""
+
+
+class DamagedStore(StoreError):
+    """A published file or manifest is unreadable or differs from what its manifest records."""
 
 
 def normalize_url(url: str) -> str:
@@ -147,21 +152,66 @@ class Store:
             mpath = posixpath.join(folder, MANIFEST)
             try:
                 with self.fs.open(mpath, "rb") as f:
-                    manifest = SessionManifest.from_json(f.read().decode())
-            except FileNotFoundError:
+                    data = f.read()
+            except (FileNotFoundError, NotADirectoryError):
                 continue
+            try:
+                manifest = SessionManifest.from_json(data.decode())
+            except (UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+                raise DamagedStore(f"{self.fs.unstrip_protocol(mpath)}: damaged manifest "
+                                   f"({type(exc).__name__}: {exc})") from None
             if posixpath.basename(folder.rstrip("/")) != manifest.folder:
                 continue
             manifests.append(manifest)
         return sorted(manifests, key=lambda m: m.index)
+
+    def damaged_files(self, manifests: list[SessionManifest]) -> list[str]:
+        """One line per published file that is missing or whose size differs from its
+        manifest's record: a cheap check (one listing per folder), no file is read."""
+        problems = []
+        for m in manifests:
+            folder = self.path("sessions", m.folder)
+            try:
+                found = {posixpath.relpath(info["name"], folder): info.get("size")
+                         for info in self.fs.find(folder, detail=True).values()}
+            except FileNotFoundError:
+                found = {}
+            for rel, record in sorted(m.files.items()):
+                url = self.url_of("sessions", m.folder, rel)
+                if rel not in found:
+                    problems.append(f"{url}: missing (the manifest lists it)")
+                elif record.get("bytes") is not None and found[rel] != record["bytes"]:
+                    problems.append(f"{url}: {found[rel]} bytes, the manifest records "
+                                    f"{record['bytes']} (truncated or changed)")
+        return problems
+
+    def check_published(self) -> list[SessionManifest]:
+        """The published sessions, after checking every file's size against its manifest.
+
+        Raises DamagedStore naming the first damaged file (and how many there are), so a run
+        refuses to build on a damaged earlier session before it starts working.
+        """
+        manifests = self.sessions()
+        problems = self.damaged_files(manifests)
+        if problems:
+            more = f" (and {len(problems) - 1} more; `driftlane verify` lists them)" \
+                if len(problems) > 1 else ""
+            raise DamagedStore(f"{problems[0]}{more}")
+        return manifests
 
     def session_url(self, manifest: SessionManifest, filename: str = "") -> str:
         return self.url_of("sessions", manifest.folder, filename) if filename else \
             self.url_of("sessions", manifest.folder)
 
     def read_json(self, manifest: SessionManifest, filename: str) -> Any:
-        with self.fs.open(self.path("sessions", manifest.folder, filename), "rb") as f:
-            return json.loads(f.read())
+        path = self.path("sessions", manifest.folder, filename)
+        with self.fs.open(path, "rb") as f:
+            data = f.read()
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DamagedStore(f"{self.fs.unstrip_protocol(path)}: damaged file "
+                               f"({type(exc).__name__}: {exc})") from None
 
     def find_published(self, name: str, digest: str) -> SessionManifest | None:
         """The published session this input already is, or None if it is new.
@@ -212,30 +262,38 @@ class Store:
 
         self._remove_leftovers(manifest.folder, final)
         crash_point("publish.stage")
-        for rel in files:
-            target = posixpath.join(staged, rel)
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            self.fs.put_file(str(local_dir / rel), target)
-            crash_point("publish.stage.file")
-        crash_point("publish.rename")
-        self.fs.makedirs(self.path("sessions"), exist_ok=True)
-        self.fs.mv(staged, final, recursive=True)
+        try:
+            for rel in files:
+                target = posixpath.join(staged, rel)
+                self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                self.fs.put_file(str(local_dir / rel), target)
+                crash_point("publish.stage.file")
+            crash_point("publish.rename")
+            self.fs.makedirs(self.path("sessions"), exist_ok=True)
+            self.fs.mv(staged, final, recursive=True)
+        except Exception:
+            # a failed upload (a full disk, a lost connection) leaves nothing half-written
+            with contextlib.suppress(OSError):
+                if self.fs.exists(staged):
+                    self.fs.rm(staged, recursive=True)
+            raise
         crash_point("publish.manifest")
         self._write_atomic(posixpath.join(final, MANIFEST), manifest.to_json().encode())
         crash_point("publish.done")
         return manifest
 
     def _remove_leftovers(self, folder: str, final: str) -> None:
-        """Clear what an interrupted publish of this same session left behind."""
+        """Clear what an interrupted publish left behind."""
         if self.fs.exists(final):
             if self.fs.exists(posixpath.join(final, MANIFEST)):
                 raise StoreError(f"{self.url}: session folder {folder} is already published")
             self.fs.rm(final, recursive=True)
+        # Publishing runs while the run holds the store (one writer), so whatever is in
+        # `.staging/` is left over from an interrupted upload: remove all of it.
         staging = self.path(".staging")
         if self.fs.exists(staging):
             for leftover in self.fs.ls(staging, detail=False):
-                if posixpath.basename(leftover.rstrip("/")).startswith(folder + "."):
-                    self.fs.rm(leftover, recursive=True)
+                self.fs.rm(leftover, recursive=True)
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"

@@ -27,8 +27,8 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from infra.config import LockConfig
-from infra.lock import StoreLock, StoreLocked
+from driftlane.infra.config import LockConfig
+from driftlane.infra.lock import StoreLock, StoreLocked
 
 LIMIT_PREFIX = "driftlane-store-"
 # Prefect refuses concurrency leases shorter than a minute.

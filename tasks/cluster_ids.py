@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from tasks.memory import CentroidTable
+from driftlane.tasks.memory import CentroidTable
 
 DEFAULT_MIN_JACCARD = 0.5
 DEFAULT_MAX_CENTROID_DISTANCE = 0.1

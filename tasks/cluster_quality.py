@@ -26,7 +26,7 @@ from sklearn.metrics import (
     silhouette_score,
 )
 
-from tasks.warmup import silhouette_sample_rows, unit_euclidean_distances, unit_rows
+from driftlane.tasks.warmup import silhouette_sample_rows, unit_euclidean_distances, unit_rows
 
 
 def cluster_means(unit: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:

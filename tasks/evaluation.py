@@ -19,14 +19,17 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from infra.caching import cache_key_for, stage_output_dir
-from infra.config import EmbeddingConfig, EvaluationConfig
-from infra.faults import crash_point
-from infra.io import read_parquet
-from tasks.embedding import EmbeddingCache, embed_stage
-from tasks.indexing import search
+from driftlane.infra.caching import cache_key_for, stage_output_dir
+from driftlane.infra.config import EmbeddingConfig, EvaluationConfig
+from driftlane.infra.embedding_cache import EmbeddingCache
+from driftlane.infra.faults import crash_point
+from driftlane.infra.io import read_parquet
+from driftlane.infra.progress import artifact_key
+from driftlane.tasks.embedding_stage import embed_stage
+from driftlane.tasks.indexing import search
+from driftlane.tasks.stage_results import BuiltIndex, SessionEvaluation, SessionReport, Source
 
-EVALUATION_VERSION = "2"
+EVALUATION_VERSION = "3"  # 3: typed stage results
 
 # Our metric name -> ranx metric name.
 METRICS = {
@@ -114,46 +117,46 @@ def qrels_dict(qrels: pd.DataFrame, session: str, split: str) -> dict[str, dict[
 
 @task(cache_key_fn=cache_key_for("evaluate", EVALUATION_VERSION), persist_result=True,
       result_serializer="json", task_run_name="evaluate after {session_name}")
-def evaluate_sessions(session_name: str, index: dict, sessions: list[dict],
+def evaluate_sessions(session_name: str, index: BuiltIndex, sessions: list[Source],
                       embedding: EmbeddingConfig, evaluation: EvaluationConfig,
-                      model_version: str, cache_url: str, scratch_dir: str) -> dict:
+                      model_version: str, cache_url: str, scratch_dir: str) -> SessionEvaluation:
     """Evaluate each session's test queries against the index of everything seen so far."""
     import faiss
 
     started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("evaluate", EVALUATION_VERSION, scratch_dir)
-    faiss_index = faiss.read_index(index["index_path"])
-    ids = pd.read_parquet(index["ids_path"])
+    faiss_index = faiss.read_index(index.index_path)
+    ids = pd.read_parquet(index.ids_path)
     doc_keys = [global_doc_key(s, d) for s, d in zip(ids["session"], ids["doc_id"], strict=True)]
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking)
 
     metrics: dict[str, dict[str, float]] = {}
     rankings = []
     for src in sessions:
-        qrels = qrels_dict(read_parquet(src["qrels_url"]), src["session"], evaluation.split)
+        qrels = qrels_dict(read_parquet(src.qrels_url), src.session, evaluation.split)
         if not qrels:
-            logger.info("session %s has no %s qrels: not evaluated", src["session"],
+            logger.info("session %s has no %s qrels: not evaluated", src.session,
                         evaluation.split)
             continue
-        queries = read_parquet(src["queries_url"])
+        queries = read_parquet(src.queries_url)
         queries = queries[queries["query_id"].isin(qrels)]
-        embedded, _ = embed_stage(f"queries {src['session']}", list(queries["text"]),
+        embedded, _ = embed_stage(f"queries {src.session}", list(queries["text"]),
                                   embedding, cache)
         scores, rows = search(faiss_index, embedded.vectors, evaluation.top_k)
         run = ranking_from_search(list(queries["query_id"]), scores, rows, doc_keys)
-        metrics[src["session"]] = {**retrieval_metrics(qrels, run), "n_queries": len(queries)}
-        rankings.append(ranking_rows(src["session"], run))
-        logger.info("after %s, session %s: %s", session_name, src["session"],
-                    {k: round(v, 4) for k, v in metrics[src["session"]].items()})
+        metrics[src.session] = {**retrieval_metrics(qrels, run), "n_queries": len(queries)}
+        rankings.append(ranking_rows(src.session, run))
+        logger.info("after %s, session %s: %s", session_name, src.session,
+                    {k: round(v, 4) for k, v in metrics[src.session].items()})
     crash_point("evaluate.write")
     path = out / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     runs = (pd.concat(rankings, ignore_index=True) if rankings
             else ranking_rows("", {}))
     runs.to_parquet(out / "runs.parquet", index=False)
-    return {"metrics_path": str(path), "runs_path": str(out / "runs.parquet"),
-            "metrics": metrics, "seconds": time.perf_counter() - started}
+    return SessionEvaluation(metrics_path=str(path), runs_path=str(out / "runs.parquet"),
+                             metrics=metrics, seconds=time.perf_counter() - started)
 
 
 def ranking_rows(session: str, run: dict[str, dict[str, float]]) -> pd.DataFrame:
@@ -220,14 +223,14 @@ def report_markdown(session_name: str, summary: dict, cluster: dict | None,
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="report {session_name}")
-def report_session(session_name: str, previous: list[dict], evaluation: dict,
+def report_session(session_name: str, previous: list[Source], evaluation: SessionEvaluation,
                    cluster_report_path: str | None, timings: dict[str, float],
-                   scratch_dir: str) -> dict:
+                   scratch_dir: str) -> SessionReport:
     """Matrix R over the stream so far, its heatmap, timings and a Markdown report artifact."""
     out = Path(scratch_dir) / "report" / session_name
     out.mkdir(parents=True, exist_ok=True)
-    rows = [(src["session"], _read_json(src["metrics_url"])) for src in previous]
-    summary = continual_summary([*rows, (session_name, evaluation["metrics"])])
+    rows = [(src.session, _read_json(src.metrics_url)) for src in previous]
+    summary = continual_summary([*rows, (session_name, evaluation.metrics)])
     (out / "matrix.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     (out / "timings.json").write_text(json.dumps(timings, indent=2, sort_keys=True))
     plot_matrix(summary, "ndcg@10", out / "matrix_ndcg10.png")
@@ -235,17 +238,14 @@ def report_session(session_name: str, previous: list[dict], evaluation: dict,
                if cluster_report_path else None)
     markdown = report_markdown(session_name, summary, cluster, timings)
     (out / "report.md").write_text(markdown)
-    create_markdown_artifact(markdown=markdown, key=f"report-{_artifact_slug(session_name)}",
+    create_markdown_artifact(markdown=markdown, key=artifact_key(f"report {session_name}"),
                              description=f"driftlane report after session {session_name}")
-    return {"files": {name: str(out / name) for name in
-                      ("matrix.json", "timings.json", "matrix_ndcg10.png", "report.md")},
-            "summary": summary}
+    return SessionReport(files={name: str(out / name) for name in
+                                ("matrix.json", "timings.json", "matrix_ndcg10.png",
+                                 "report.md")},
+                         summary=summary)
 
 
 def _read_json(url: str) -> dict:
     with fsspec.open(url, "r") as f:
         return json.load(f)
-
-
-def _artifact_slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "session"

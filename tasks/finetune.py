@@ -5,9 +5,9 @@ over in-batch negatives plus the hard-negative column; Henderson et al. 2017), o
 version `CachedMultipleNegativesRankingLoss` (Gao et al. 2021) when `mini_batch_size` is set:
 the same loss over the whole batch while only `mini_batch_size` texts are embedded at a time.
 
-Order of training. With a `batch_order` (from `tasks.sampling.plan_batches`) the trainer gets
+Order of training. With a `batch_order` (from `tasks.batching.plan_batches`) the trainer gets
 exactly those batches, in that order, through a fixed batch sampler: one pass, one optimizer
-step per batch. Without one, steps follow `tasks.sampling.training_budget` and the batches come
+step per batch. Without one, steps follow `tasks.batching.training_budget` and the batches come
 from sentence-transformers' no-duplicates sampler (no text twice in a batch), seeded.
 
 Reproducibility. The model is loaded fresh from `model_path` (never the process-wide encoder
@@ -16,7 +16,7 @@ the same inputs and seed give the same weights bit for bit on the CPU (same thre
 kernels may differ in the last bits.
 
 Outputs under `out_dir`: `model/` (safetensors weights plus the sentence-transformers config;
-its digest is `tasks.embedding.model_version`), `tensorboard/` (loss curve, only when the
+its digest is `tasks.models.model_version`), `tensorboard/` (loss curve, only when the
 `tensorboard` package is importable), `trainer/` (the trainer's scratch; no checkpoints).
 
 Progress. Optimizer steps are reported through `infra.progress.Progress` under the key
@@ -27,7 +27,6 @@ bars (the trainer's own tqdm bars stay off).
 from __future__ import annotations
 
 import importlib.util
-import logging
 import shutil
 import time
 import uuid
@@ -38,18 +37,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from infra.config import FinetuneConfig
-from infra.progress import Progress
-from tasks.embedding import model_version, resolve_device
-from tasks.sampling import training_budget
+from driftlane.infra.config import FinetuneConfig
+from driftlane.infra.logs import module_logger
+from driftlane.infra.progress import Progress
+from driftlane.tasks.batching import training_budget
+from driftlane.tasks.models import model_version, resolve_device
 
 __all__ = ["FINETUNE_VERSION", "fine_tune", "tensorboard_available"]
 
-logger = logging.getLogger(__name__)
+logger = module_logger(__name__)
 
 # Bump when `fine_tune` changes what it computes for the same inputs (part of cache keys).
-FINETUNE_VERSION = "3"
-TEXT_COLUMNS = ("anchor", "positive", "negative")
+FINETUNE_VERSION = "4"  # 4: fine_tune_session returns a TrainedModel
 
 
 def tensorboard_available() -> bool:

@@ -1,64 +1,45 @@
-"""Ingest and validate one session folder (BEIR layout), hashing its content while reading.
+"""Validate one session folder (BEIR layout) record by record, and the `ingest_session` task.
 
-A session is ``corpus.jsonl`` (required), optional ``queries.jsonl`` and optional
-``qrels/test.tsv`` / ``qrels/train.tsv``; each file may instead be gzipped (``.gz``).
-Bad input is rejected with a :class:`SessionFormatError` naming file, line and problem,
-so that it never reaches the store. Pure functions: no Prefect, file access only via fsspec.
+Corpus and queries are JSON lines with string-or-integer ``_id``s and string texts; qrels are
+``query-id<TAB>corpus-id<TAB>score`` rows naming known ids. Bad input is rejected with a
+:class:`SessionFormatError` naming file, line and problem, so that it never reaches the store.
+Locating, opening and hashing the files is :mod:`driftlane.tasks.session_files`. Plain
+functions (file access only via fsspec) first, the Prefect task wrapper at the end.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
 import re
-import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import fsspec
 import pandas as pd
-from fsspec.compression import compr
-from fsspec.implementations.local import LocalFileSystem
 from prefect import get_run_logger, task
 
-from infra.caching import cache_key_for, stage_output_dir
-from infra.store import normalize_url
+from driftlane.infra.caching import cache_key_for, stage_output_dir
+from driftlane.tasks.session_files import (
+    SessionFile,
+    SessionFormatError,
+    SessionLayout,
+    locate_session,
+    numbered_lines,
+)
+from driftlane.tasks.stage_results import IngestedSession
 
 __all__ = [
-    "SessionData", "SessionFormatError", "ingest_session", "read_session", "session_digest",
-    "validate_session",
+    "SessionData", "SessionFormatError", "ingest_session", "read_session", "validate_session",
 ]
 
-# Canonical order of the logical files: it fixes the digest and the order of validation
-# (qrels are checked against the corpus and queries read before them).
-CORPUS = "corpus.jsonl"
-QUERIES = "queries.jsonl"
-QRELS_DIR = "qrels"
-QRELS_SPLITS = ("test", "train")
 QRELS_HEADER = "query-id\tcorpus-id\tscore"
 _HEADER_WORDS = "'query-id<TAB>corpus-id<TAB>score'"
 
-_CHUNK_BYTES = 1 << 20
+# the default of `IngestConfig.max_document_chars`
+MAX_DOCUMENT_CHARS = 1_000_000
 _INTEGER = re.compile(r"-?[0-9]+")
-
-
-class SessionFormatError(ValueError):
-    """Bad session input: ``file`` (URL of the offending file or folder), ``line`` (1-based or
-    None) and ``problem`` (plain words)."""
-
-    def __init__(self, file: str, line: int | None, problem: str) -> None:
-        self.file = file
-        self.line = line
-        self.problem = problem
-        where = f"{file}:{line}" if line is not None else file
-        super().__init__(f"{where}: {problem}")
-
-    def __reduce__(self):  # keep the three attributes when pickled across processes
-        return (type(self), (self.file, self.line, self.problem))
 
 
 @dataclass(frozen=True)
@@ -73,54 +54,33 @@ class SessionData:
     qrels: pd.DataFrame  # query_id, doc_id, score (int64), split ("test" then "train")
 
 
-@dataclass(frozen=True)
-class _SessionFile:
-    logical: str  # name without .gz, e.g. "qrels/test.tsv"; enters the digest
-    url: str  # for messages
-    path: str  # for the filesystem
-    gzipped: bool
-
-
-@dataclass(frozen=True)
-class _SessionLayout:
-    name: str
-    url: str
-    fs: fsspec.AbstractFileSystem
-    corpus: _SessionFile
-    queries: _SessionFile | None
-    qrels: dict[str, _SessionFile]  # split -> file, canonical order
-
-    def files(self) -> list[_SessionFile]:
-        """Present files in canonical (digest) order."""
-        present = [self.corpus, self.queries, *self.qrels.values()]
-        return [f for f in present if f is not None]
-
-
-def read_session(url: str | os.PathLike[str]) -> SessionData:
+def read_session(url: str | os.PathLike[str],
+                 max_document_chars: int = MAX_DOCUMENT_CHARS) -> SessionData:
     """Read and validate the session folder at ``url`` (any fsspec URL; ``~`` expanded).
 
     One streaming pass per file: lines are decoded, validated and hashed as they are read.
     Raises SessionFormatError on the first problem found.
     """
-    session = _read(url, keep_content=True)
+    session = _read(url, keep_content=True, max_document_chars=max_document_chars)
     assert session is not None
     return session
 
 
-def validate_session(url: str | os.PathLike[str]) -> str:
+def validate_session(url: str | os.PathLike[str],
+                     max_document_chars: int = MAX_DOCUMENT_CHARS) -> str:
     """Check everything ``read_session`` checks and return the digest, keeping no texts.
 
     Memory holds only the ids (needed to check qrels), so a run can refuse bad input before
     it persists anything, without holding the corpus in memory.
     """
-    return _read(url, keep_content=False)
+    return _read(url, keep_content=False, max_document_chars=max_document_chars)
 
 
-def _read(url: str | os.PathLike[str], keep_content: bool):
-    layout = _locate_session(url)
+def _read(url: str | os.PathLike[str], keep_content: bool, max_document_chars: int):
+    layout = locate_session(url)
     hasher = hashlib.sha256()
 
-    corpus, doc_lines = _read_corpus(layout, hasher, keep_content)
+    corpus, doc_lines = _read_corpus(layout, hasher, keep_content, max_document_chars)
     if layout.queries is None:
         queries, query_lines = _frame({"query_id": [], "text": []}), {}
     else:
@@ -147,164 +107,20 @@ def _read(url: str | os.PathLike[str], keep_content: bool):
     )
 
 
-def session_digest(url: str | os.PathLike[str]) -> str:
-    """The digest ``read_session(url)`` would report, from raw bytes only (no parsing).
-
-    sha256 over, per present file in canonical order: logical name + NUL + decompressed
-    bytes + NUL. Layout problems (missing corpus, escaping symlink...) still raise.
-    """
-    layout = _locate_session(url)
-    hasher = hashlib.sha256()
-    for session_file in layout.files():
-        hasher.update(session_file.logical.encode() + b"\0")
-        with _open(layout.fs, session_file) as stream, _gzip_errors(session_file):
-            while chunk := stream.read(_CHUNK_BYTES):
-                hasher.update(chunk)
-        hasher.update(b"\0")
-    return hasher.hexdigest()
-
-
-# --- layout ---------------------------------------------------------------------------------
-
-
-def _normalize_url(url: str | os.PathLike[str]) -> tuple[str, fsspec.AbstractFileSystem, str]:
-    """Return (normalized URL, filesystem, path).
-
-    Local paths are made absolute with `~` expanded and `..` resolved (they name one folder);
-    a remote URL with `..` components is refused, since the store would not resolve it the
-    same way everywhere.
-    """
-    normalized = normalize_url(os.fspath(url))
-    protocol, rest = fsspec.core.split_protocol(normalized)
-    if protocol not in (None, "file", "local") and ".." in re.split(r"[/\\]", rest):
-        raise SessionFormatError(normalized, None,
-                                 "session path must not contain '..' components")
-    fs, path = fsspec.core.url_to_fs(normalized)
-    return normalized, fs, path.rstrip("/") or "/"
-
-
-def _locate_session(url: str | os.PathLike[str]) -> _SessionLayout:
-    """Find the session's files and check the folder's structure (no file is read)."""
-    url, fs, root = _normalize_url(url)
-    if not fs.exists(root):
-        raise SessionFormatError(url, None, "session folder does not exist")
-    if not fs.isdir(root):
-        raise SessionFormatError(url, None, "session path is not a folder")
-
-    def join(base: str, rel: str) -> str:
-        return base.rstrip("/") + "/" + rel
-
-    if isinstance(fs, LocalFileSystem):
-        # A symlink pointing outside would let a session smuggle in (or later publish) files
-        # from elsewhere; check every candidate before reading anything.
-        real_root = os.path.realpath(root)
-        candidates = [QRELS_DIR] + [
-            name + suffix
-            for name in (CORPUS, QUERIES, *(f"{QRELS_DIR}/{s}.tsv" for s in QRELS_SPLITS))
-            for suffix in ("", ".gz")
-        ]
-        for rel in candidates:
-            path = join(root, rel)
-            if not os.path.lexists(path):
-                continue
-            real = os.path.realpath(path)
-            if os.path.commonpath([real_root, real]) != real_root:
-                raise SessionFormatError(
-                    join(url, rel), None, "resolves outside the session folder"
-                )
-
-    def find(logical: str) -> _SessionFile | None:
-        found = [
-            _SessionFile(
-                logical, join(url, logical + suffix), join(root, logical + suffix), bool(suffix)
-            )
-            for suffix in ("", ".gz")
-            if fs.exists(join(root, logical + suffix))
-        ]
-        if len(found) == 2:
-            raise SessionFormatError(
-                url, None, f"both {logical} and {logical}.gz are present; keep only one"
-            )
-        if found and not fs.isfile(found[0].path):
-            raise SessionFormatError(found[0].url, None, "is not a file")
-        return found[0] if found else None
-
-    corpus = find(CORPUS)
-    if corpus is None:
-        raise SessionFormatError(url, None, f"no {CORPUS} or {CORPUS}.gz in the session folder")
-    queries = find(QUERIES)
-    qrels_root = join(root, QRELS_DIR)
-    if fs.exists(qrels_root) and not fs.isdir(qrels_root):
-        raise SessionFormatError(join(url, QRELS_DIR), None, "is not a folder")
-    qrels = {}
-    for split in QRELS_SPLITS:
-        qrels_file = find(f"{QRELS_DIR}/{split}.tsv")
-        if qrels_file is not None:
-            qrels[split] = qrels_file
-    name = root.rstrip("/").rsplit("/", 1)[-1]
-    return _SessionLayout(name, url, fs, corpus, queries, qrels)
-
-
-# --- streaming ------------------------------------------------------------------------------
-
-
-@contextmanager
-def _open(fs: fsspec.AbstractFileSystem, session_file: _SessionFile) -> Iterator[BinaryIO]:
-    """Open for binary reading, decompressing .gz files on the fly."""
-    # Not fs.open(..., compression="gzip"): closing that GzipFile leaves the raw file open.
-    with fs.open(session_file.path, "rb") as raw:
-        if not session_file.gzipped:
-            yield raw
-            return
-        with compr["gzip"](raw, mode="rb") as stream:
-            yield stream
-
-
-@contextmanager
-def _gzip_errors(session_file: _SessionFile) -> Iterator[None]:
-    """Turn a corrupt or truncated gzip stream into a SessionFormatError."""
-    try:
-        yield
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise SessionFormatError(session_file.url, None, f"corrupt gzip data ({exc})") from exc
-
-
-def _numbered_lines(
-    fs: fsspec.AbstractFileSystem, session_file: _SessionFile, hasher
-) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, decoded line) for non-blank lines; hash every raw byte.
-
-    Must be consumed to the end for the digest to be complete.
-    """
-    hasher.update(session_file.logical.encode() + b"\0")
-    with _open(fs, session_file) as stream, _gzip_errors(session_file):
-        for line_number, raw in enumerate(stream, start=1):
-            hasher.update(raw)
-            if not raw.strip():
-                continue  # blank lines are allowed but still count for line numbers
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad = raw[exc.start]
-                raise SessionFormatError(
-                    session_file.url,
-                    line_number,
-                    f"not valid UTF-8 (byte 0x{bad:02x} at byte {exc.start + 1} of the line)",
-                ) from None
-            yield line_number, text
-    hasher.update(b"\0")
+# --- JSON lines -----------------------------------------------------------------------------
 
 
 def _json_records(
-    fs: fsspec.AbstractFileSystem, session_file: _SessionFile, hasher, id_kind: str
+    fs: fsspec.AbstractFileSystem, session_file: SessionFile, hasher, id_kind: str
 ) -> Iterator[tuple[int, str, dict]]:
     """Yield (line, id, object) for each JSON line, checking the shared '_id' rules."""
     url = session_file.url
-    for line, text in _numbered_lines(fs, session_file, hasher):
+    for line, text in numbered_lines(fs, session_file, hasher):
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SessionFormatError(url, line, f"invalid JSON ({exc.msg})") from None
+            raise SessionFormatError(url, line, f"invalid JSON at column {exc.colno} "
+                                     f"({exc.msg})") from None
         if not isinstance(record, dict):
             raise SessionFormatError(url, line, f"expected a JSON object, got {_json_type(record)}")
         if "_id" not in record:
@@ -318,7 +134,20 @@ def _json_records(
         record_id = str(raw_id)
         if not record_id.strip():
             raise SessionFormatError(url, line, f"empty {id_kind} id")
+        _check_id(record_id, id_kind, url, line)
         yield line, record_id, record
+
+
+def _check_id(record_id: str, id_kind: str, url: str, line: int) -> None:
+    """Ids become store keys `<session>/<id>` and file names of exports: no control
+    characters (NUL, newline, ...) and no '/'."""
+    control = next((c for c in record_id if ord(c) < 32 or 127 <= ord(c) < 160), None)
+    if control is not None:
+        raise SessionFormatError(url, line, f"{id_kind} id {_short(record_id)!r} contains the "
+                                 f"control character U+{ord(control):04X}")
+    if "/" in record_id:
+        raise SessionFormatError(url, line, f"{id_kind} id {_short(record_id)!r} contains '/' "
+                                 "(store keys are <session>/<id>)")
 
 
 def _string_field(record: dict, key: str, url: str, line: int, required: bool) -> str:
@@ -342,8 +171,9 @@ def _json_type(value: object) -> str:
 # --- the three file kinds -------------------------------------------------------------------
 
 
-def _read_corpus(layout: _SessionLayout, hasher,
-                 keep_content: bool = True) -> tuple[pd.DataFrame, dict[str, int]]:
+def _read_corpus(layout: SessionLayout, hasher, keep_content: bool = True,
+                 max_document_chars: int = MAX_DOCUMENT_CHARS,
+                 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Corpus frame in file order and doc id -> line (for duplicates and qrels checks)."""
     session_file = layout.corpus
     doc_lines: dict[str, int] = {}
@@ -360,6 +190,11 @@ def _read_corpus(layout: _SessionLayout, hasher,
             )
         title = _string_field(record, "title", session_file.url, line, required=False)
         text = _string_field(record, "text", session_file.url, line, required=True)
+        if len(title) + len(text) > max_document_chars:
+            raise SessionFormatError(
+                session_file.url, line,
+                f"document {_short(doc_id)!r} has {len(title) + len(text):,} characters, more "
+                f"than the limit of {max_document_chars:,} ([ingest] max_document_chars)")
         # Real collections keep a few empty documents; only an all-empty corpus is an error.
         any_content = any_content or bool(title.strip() or text.strip())
         doc_lines[doc_id] = line
@@ -376,7 +211,7 @@ def _read_corpus(layout: _SessionLayout, hasher,
     return _frame({"doc_id": ids, "title": titles, "text": texts}), doc_lines
 
 
-def _read_queries(layout: _SessionLayout, hasher,
+def _read_queries(layout: SessionLayout, hasher,
                   keep_content: bool = True) -> tuple[pd.DataFrame, dict[str, int]]:
     """Queries frame in file order and query id -> line."""
     session_file = layout.queries
@@ -412,7 +247,7 @@ class _KnownIds:
 
 def _read_qrels(
     fs: fsspec.AbstractFileSystem,
-    session_file: _SessionFile,
+    session_file: SessionFile,
     split: str,
     hasher,
     queries: _KnownIds,
@@ -423,7 +258,7 @@ def _read_qrels(
     url = session_file.url
     pair_lines: dict[tuple[str, str], int] = {}
     header_seen = False
-    for line, text in _numbered_lines(fs, session_file, hasher):
+    for line, text in numbered_lines(fs, session_file, hasher):
         fields = text.rstrip("\r\n").split("\t")
         if not header_seen:
             _check_qrels_header(url, line, text.rstrip("\r\n"))
@@ -495,14 +330,15 @@ def _frame(columns: dict[str, list], int_columns: tuple[str, ...] = ()) -> pd.Da
 
 # --- Prefect task wrappers ---
 
-INGEST_VERSION = "1"
+INGEST_VERSION = "2"  # 2: returns an IngestedSession
 
 
 @task(cache_key_fn=cache_key_for("ingest", INGEST_VERSION), persist_result=True,
       result_serializer="json", task_run_name="ingest {session_url}")
-def ingest_session(session_url: str, digest: str, scratch_dir: str) -> dict:
+def ingest_session(session_url: str, digest: str, scratch_dir: str,
+                   max_document_chars: int = MAX_DOCUMENT_CHARS) -> IngestedSession:
     """Validate the session folder and write it as parquet tables to scratch."""
-    session = read_session(session_url)
+    session = read_session(session_url, max_document_chars)
     if session.digest != digest:
         raise SessionFormatError(session_url, None, "session folder changed while it was being "
                                  "read (content digest differs); run it again once it is complete")
@@ -514,6 +350,7 @@ def ingest_session(session_url: str, digest: str, scratch_dir: str) -> dict:
         frame.to_parquet(path, index=False)
     get_run_logger().info("session %s: %d documents, %d queries, %d qrels rows", session.name,
                           len(session.corpus), len(session.queries), len(session.qrels))
-    return {**{k: str(v) for k, v in paths.items()}, "name": session.name, "digest": digest,
-            "n_docs": len(session.corpus), "n_queries": len(session.queries),
-            "n_qrels": len(session.qrels)}
+    return IngestedSession(name=session.name, digest=digest,
+                           **{k: str(v) for k, v in paths.items()},
+                           n_docs=len(session.corpus), n_queries=len(session.queries),
+                           n_qrels=len(session.qrels))

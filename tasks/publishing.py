@@ -16,93 +16,95 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from infra.caching import scratch_for
-from infra.config import SessionConfig
-from infra.store import SessionManifest, Store
-from infra.writer import held_store_lock
-from tasks.ingest import SessionFormatError, session_digest, validate_session
+from driftlane.infra.caching import StageResult, scratch_for
+from driftlane.infra.config import SessionConfig
+from driftlane.infra.store import SessionManifest, Store
+from driftlane.infra.writer import held_store_lock
+from driftlane.tasks.ingest import MAX_DOCUMENT_CHARS, SessionFormatError, validate_session
+from driftlane.tasks.session_files import session_digest
+from driftlane.tasks.stage_results import (
+    BuiltIndex,
+    EmbeddedSession,
+    IngestedSession,
+    PreviousMemory,
+    PreviousModel,
+    PreviousTraining,
+    ReembeddedSources,
+    SampledTraining,
+    SessionEvaluation,
+    SessionPlan,
+    Source,
+    StoredMemory,
+    TrainedModel,
+)
 
 MEMORY_STATE = "memory/state.json"
 MODEL_WEIGHTS = "model/model.safetensors"
 QUERY_BUFFER = "training/query_buffer.parquet"
 
-# Files every published session holds, and where in the stage outputs they come from.
-SESSION_FILES = {
-    "docs.parquet": ("ingested", "docs_path"),
-    "queries.parquet": ("ingested", "queries_path"),
-    "qrels.parquet": ("ingested", "qrels_path"),
-    "doc_vectors.npy": ("embedded", "vectors_path"),
-    "index.faiss": ("index", "index_path"),
-    "index_ids.parquet": ("index", "ids_path"),
-    "metrics.json": ("evaluation", "metrics_path"),
-    "runs.parquet": ("evaluation", "runs_path"),
-}
+
+def published_sources(store: Store, manifests: list[SessionManifest]) -> list[Source]:
+    """Each published session's documents, vectors, queries and qrels, in order."""
+    return [Source(session=m.name,
+                   docs_url=store.session_url(m, "docs.parquet"),
+                   vectors_url=store.session_url(m, "doc_vectors.npy"),
+                   vectors_sha256=m.files["doc_vectors.npy"]["sha256"],
+                   queries_url=store.session_url(m, "queries.parquet"),
+                   qrels_url=store.session_url(m, "qrels.parquet"),
+                   qrels_sha256=m.files["qrels.parquet"]["sha256"],
+                   metrics_url=store.session_url(m, "metrics.json"),
+                   model_version=m.model_version)
+            for m in manifests]
 
 
-def published_sources(store: Store, manifests: list[SessionManifest]) -> list[dict]:
-    """URLs of each published session's documents, vectors, queries and qrels, in order."""
-    sources = []
-    for m in manifests:
-        sources.append({
-            "session": m.name,
-            "docs_url": store.session_url(m, "docs.parquet"),
-            "vectors_url": store.session_url(m, "doc_vectors.npy"),
-            "vectors_sha256": m.files["doc_vectors.npy"]["sha256"],
-            "queries_url": store.session_url(m, "queries.parquet"),
-            "qrels_url": store.session_url(m, "qrels.parquet"),
-            "qrels_sha256": m.files["qrels.parquet"]["sha256"],
-            "metrics_url": store.session_url(m, "metrics.json"),
-            "model_version": m.model_version,
-        })
-    return sources
-
-
-def previous_memory(store: Store, manifests: list[SessionManifest]) -> dict | None:
+def previous_memory(store: Store, manifests: list[SessionManifest]) -> PreviousMemory | None:
     """Where the latest session's memory state lies, with its digest (for cache keys)."""
     if not manifests or MEMORY_STATE not in manifests[-1].files:
         return None
     last = manifests[-1]
-    return {"url": store.session_url(last, "memory"), "session": last.name,
-            "state_sha256": last.files[MEMORY_STATE]["sha256"],
-            "memory_sha256": last.files["memory/memory.parquet"]["sha256"]}
+    return PreviousMemory(url=store.session_url(last, "memory"), session=last.name,
+                          state_sha256=last.files[MEMORY_STATE]["sha256"],
+                          memory_sha256=last.files["memory/memory.parquet"]["sha256"])
 
 
-def previous_model(store: Store, manifests: list[SessionManifest]) -> dict | None:
-    """The latest session's fine-tuned model: {url, version, session}, or None."""
+def previous_model(store: Store, manifests: list[SessionManifest]) -> PreviousModel | None:
+    """The latest session's fine-tuned model, or None for the base model."""
     if not manifests:
         return None
     version = manifests[-1].model_version
     # a session that did not train keeps the model of the session that trained it last
     for m in reversed(manifests):
         if MODEL_WEIGHTS in m.files and m.model_version == version:
-            return {"url": store.session_url(m, "model"), "version": version,
-                    "session": m.name}
+            return PreviousModel(url=store.session_url(m, "model"), version=version,
+                                 session=m.name)
     return None  # the base model
 
 
-def previous_training(store: Store, manifests: list[SessionManifest]) -> dict | None:
+def previous_training(store: Store, manifests: list[SessionManifest]) -> PreviousTraining | None:
     """The latest query buffer (training/query_buffer.parquet) and its reservoir counter."""
     for m in reversed(manifests):
         if QUERY_BUFFER in m.files:
             sampling = store.read_json(m, "training/sampling.json")
-            return {"query_buffer_url": store.session_url(m, QUERY_BUFFER),
-                    "query_buffer_sha256": m.files[QUERY_BUFFER]["sha256"],
-                    "buffer_seen": sampling["buffer_seen"]}
+            return PreviousTraining(query_buffer_url=store.session_url(m, QUERY_BUFFER),
+                                    query_buffer_sha256=m.files[QUERY_BUFFER]["sha256"],
+                                    buffer_seen=sampling["buffer_seen"])
     return None
 
 
-def stage_timings(embedded: dict, memory: dict | None, sampled: dict | None,
-                  trained: dict | None, reembedded: dict, index: dict,
-                  evaluation: dict) -> dict[str, float]:
+def stage_timings(embedded: EmbeddedSession, memory: StoredMemory | None,
+                  sampled: SampledTraining | None, trained: TrainedModel | None,
+                  reembedded: ReembeddedSources, index: BuiltIndex,
+                  evaluation: SessionEvaluation) -> dict[str, float]:
     """Wall seconds per stage of this run (a cached stage counts what it cost when it ran).
 
     embedding: the new documents, then re-embedding corpus and memory after fine-tuning.
     """
-    def seconds(result: dict | None, key: str = "seconds") -> float:
-        return float(result.get(key, 0.0)) if result else 0.0
+    def seconds(result: StageResult | None) -> float:
+        return result.seconds if result is not None else 0.0
 
     timings = {
-        "embedding": seconds(embedded) + seconds(reembedded) + seconds(memory, "reembed_seconds"),
+        "embedding": (seconds(embedded) + seconds(reembedded)
+                      + (memory.reembed_seconds if memory is not None else 0.0)),
         "clustering": seconds(memory),
         "training": seconds(sampled) + seconds(trained),
         "indexing": seconds(index),
@@ -112,22 +114,24 @@ def stage_timings(embedded: dict, memory: dict | None, sampled: dict | None,
     return timings
 
 
-def training_files(sampled: dict | None, trained: dict | None) -> dict[str, str]:
+def _folder_files(prefix: str, folder: Path) -> dict[str, str]:
+    return {f"{prefix}/{p.relative_to(folder).as_posix()}": str(p)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def training_files(sampled: SampledTraining | None,
+                   trained: TrainedModel | None) -> dict[str, str]:
     """What a session publishes of its training: examples, query buffer, model, logs."""
     files: dict[str, str] = {}
     if sampled is not None:
-        files.update({"training/examples.parquet": sampled["examples_path"],
-                      "training/sampling.json": sampled["summary_path"],
-                      QUERY_BUFFER: sampled["query_buffer_path"]})
-    if trained is not None and trained["trained"]:
-        model = Path(trained["model_path"])
-        files.update({f"model/{p.relative_to(model).as_posix()}": str(p)
-                      for p in sorted(model.rglob("*")) if p.is_file()})
-        files["training/training.json"] = trained["summary_path"]
-        if trained.get("tensorboard_dir") and Path(trained["tensorboard_dir"]).is_dir():
-            logs = Path(trained["tensorboard_dir"])
-            files.update({f"training/tensorboard/{p.relative_to(logs).as_posix()}": str(p)
-                          for p in sorted(logs.rglob("*")) if p.is_file()})
+        files.update({"training/examples.parquet": sampled.examples_path,
+                      "training/sampling.json": sampled.summary_path,
+                      QUERY_BUFFER: sampled.query_buffer_path})
+    if trained is not None and trained.trained:
+        files.update(_folder_files("model", Path(trained.model_path)))
+        files["training/training.json"] = trained.summary_path
+        if trained.tensorboard_dir and Path(trained.tensorboard_dir).is_dir():
+            files.update(_folder_files("training/tensorboard", Path(trained.tensorboard_dir)))
     return files
 
 
@@ -143,58 +147,61 @@ def _place(src: Path, dst: Path) -> None:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="plan {session_url}")
-def plan_session(session_url: str, store_url: str, scratch_base: str | None) -> dict:
+def plan_session(session_url: str, store_url: str, scratch_base: str | None,
+                 max_document_chars: int = MAX_DOCUMENT_CHARS) -> SessionPlan:
     """Digest the input and look it up in the store: new, or already published."""
     store = Store(store_url)
     name = Path(session_url.rstrip("/")).name
     digest = session_digest(session_url)
     published = store.find_published(name, digest) if store.exists() else None
-    plan = {"name": name, "digest": digest, "store_url": store.url}
     if published is not None:
-        return {**plan, "status": "published", "index": published.index,
-                "published_as": published.name}
+        return SessionPlan(name=name, digest=digest, store_url=store.url, status="published",
+                           index=published.index, published_as=published.name)
     # Validate before any task persists a result: bad input must leave the store untouched,
     # and Prefect writes even a failed task's exception into the (in-store) result storage.
-    if validate_session(session_url) != digest:
+    if validate_session(session_url, max_document_chars) != digest:
         raise SessionFormatError(session_url, None, "session folder changed while it was "
                                  "being read (content digest differs); run it once complete")
-    manifests = store.sessions() if store.exists() else []
-    return {**plan, "status": "new", "index": len(manifests),
-            "previous": published_sources(store, manifests),
-            "previous_memory": previous_memory(store, manifests),
-            "previous_model": previous_model(store, manifests),
-            "previous_training": previous_training(store, manifests),
-            "scratch_dir": scratch_for(store, scratch_base)}
+    # refuse to build on a damaged earlier session before any work (sizes only: cheap)
+    manifests = store.check_published() if store.exists() else []
+    return SessionPlan(name=name, digest=digest, store_url=store.url, status="new",
+                       index=len(manifests), previous=published_sources(store, manifests),
+                       previous_memory=previous_memory(store, manifests),
+                       previous_model=previous_model(store, manifests),
+                       previous_training=previous_training(store, manifests),
+                       scratch_dir=scratch_for(store, scratch_base))
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="publish {plan[name]}")
-def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, evaluation: dict,
-                    config: SessionConfig, model_version: str,
-                    memory: dict | None = None, extra_files: dict[str, str] | None = None) -> dict:
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="publish {plan.name}")
+def publish_session(plan: SessionPlan, ingested: IngestedSession, vectors_path: str,
+                    index: BuiltIndex, evaluation: SessionEvaluation, config: SessionConfig,
+                    model_version: str, memory: StoredMemory | None = None,
+                    extra_files: dict[str, str] | None = None) -> SessionManifest:
     """Publish the session's outputs; the manifest is written last."""
-    store = Store(plan["store_url"])
-    outputs = {"ingested": ingested, "embedded": embedded, "index": index,
-               "evaluation": evaluation}
-    folder = Path(plan["scratch_dir"]) / "publish" / plan["digest"][:32]
+    store = Store(plan.store_url)
+    folder = Path(plan.scratch_dir) / "publish" / plan.digest[:32]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    for filename, (stage, key) in SESSION_FILES.items():
-        _place(Path(outputs[stage][key]), folder / filename)
+    # the files every published session holds
+    files = {"docs.parquet": ingested.docs_path, "queries.parquet": ingested.queries_path,
+             "qrels.parquet": ingested.qrels_path, "doc_vectors.npy": vectors_path,
+             "index.faiss": index.index_path, "index_ids.parquet": index.ids_path,
+             "metrics.json": evaluation.metrics_path, "runs.parquet": evaluation.runs_path}
     summary: dict = {"n_clusters": None, "memory_size": None, "memory_budget": None}
     if memory is not None:
-        for rel, path in memory["files"].items():
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            _place(Path(path), folder / rel)
-        summary = {k: memory[k] for k in summary}
-    for rel, path in (extra_files or {}).items():
+        files.update(memory.files)
+        summary = {"n_clusters": memory.n_clusters, "memory_size": memory.memory_size,
+                   "memory_budget": memory.memory_budget}
+    files.update(extra_files or {})
+    for rel, path in files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         _place(Path(path), folder / rel)
     (folder / "config.json").write_text(
         json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True))
     manifest = SessionManifest(
-        name=plan["name"], index=plan["index"], digest=plan["digest"],
-        model_version=model_version, n_docs=ingested["n_docs"],
-        n_queries=ingested["n_queries"], config_digest=config.digest(), summary=summary,
+        name=plan.name, index=plan.index, digest=plan.digest,
+        model_version=model_version, n_docs=ingested.n_docs,
+        n_queries=ingested.n_queries, config_digest=config.digest(), summary=summary,
     )
     # The flow holds the store for the whole run (`infra.writer.store_writer`); publishing
     # only confirms the lease is still ours, so a run that lost its lock never writes.
@@ -208,4 +215,4 @@ def publish_session(plan: dict, ingested: dict, embedded: dict, index: dict, eva
     shutil.rmtree(folder, ignore_errors=True)
     get_run_logger().info("published session %s as #%d in %s", manifest.name, manifest.index,
                           store.url)
-    return json.loads(manifest.to_json())
+    return manifest

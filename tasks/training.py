@@ -3,42 +3,46 @@
 `sample_training` builds the candidate pool (the memory after this session's update, plus the
 session's documents eviction left out), embeds the training queries and the query buffer with
 the model the session started from, samples examples (`tasks.sampling.sample_session`), plans
-the batches and updates the query buffer. `fine_tune_session` trains on them
-(`tasks.finetune.fine_tune`). Two tasks, so a failed fine-tune retries without sampling again.
+the batches (`tasks.batching`) and updates the query buffer (`tasks.replay`).
+`fine_tune_session` trains on them (`tasks.finetune.fine_tune`). Two tasks, so a failed
+fine-tune retries without sampling again. Both return frozen results of `tasks.stage_results`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
 
-from infra.caching import cache_key_for, stage_output_dir
-from infra.config import EmbeddingConfig, FinetuneConfig, SamplingConfig, SamplingMode
-from infra.faults import crash_point
-from infra.io import read_npy, read_parquet
-from tasks.embedding import EmbeddingCache, doc_texts_of, embed_stage
-from tasks.finetune import FINETUNE_VERSION, fine_tune
-from tasks.memory import next_stream_index
-from tasks.prototypes import query_prototypes
-from tasks.sampling import (
-    RaggedTokens,
-    empty_query_buffer,
-    plan_batches,
-    query_buffer_rows,
-    sample_session,
-    training_budget,
-    training_queries,
-    training_texts,
-    update_query_buffer,
+from driftlane.infra.caching import cache_key_for, stage_output_dir
+from driftlane.infra.config import EmbeddingConfig, FinetuneConfig, SamplingConfig, SamplingMode
+from driftlane.infra.embedding_cache import EmbeddingCache
+from driftlane.infra.faults import crash_point
+from driftlane.infra.io import read_npy, read_parquet
+from driftlane.tasks.batching import plan_batches, training_budget
+from driftlane.tasks.embedding_stage import embed_stage
+from driftlane.tasks.finetune import FINETUNE_VERSION, fine_tune
+from driftlane.tasks.memory import next_stream_index
+from driftlane.tasks.memory_state import load_memory_state, split_tokens, take_ragged
+from driftlane.tasks.prototypes import query_prototypes
+from driftlane.tasks.pseudo_positives import RaggedTokens
+from driftlane.tasks.replay import empty_query_buffer, query_buffer_rows, update_query_buffer
+from driftlane.tasks.sampling import sample_session, training_queries, training_texts
+from driftlane.tasks.stage_results import (
+    EmbeddedSession,
+    EncoderModel,
+    IngestedSession,
+    PreviousTraining,
+    SampledTraining,
+    StoredMemory,
+    TrainedModel,
 )
-from tasks.session_memory import load_memory_state, split_tokens, take_ragged
+from driftlane.tasks.texts import doc_texts_of
 
-SAMPLE_VERSION = "1"
+SAMPLE_VERSION = "2"  # 2: sample_training returns a SampledTraining
 
 
 def _embed(label: str, texts: list[str], embedding: EmbeddingConfig, model_version: str,
@@ -52,20 +56,20 @@ def _embed(label: str, texts: list[str], embedding: EmbeddingConfig, model_versi
 
 @task(cache_key_fn=cache_key_for("sample", SAMPLE_VERSION), persist_result=True,
       result_serializer="json", task_run_name="sample {session_name}")
-def sample_training(session_name: str, ingested: dict, embedded: dict, memory: dict,
-                    docs_urls: dict[str, str], previous_training: dict | None,
-                    sampling: SamplingConfig, finetune: FinetuneConfig,
-                    embedding: EmbeddingConfig, model_version: str, cache_url: str,
-                    scratch_dir: str) -> dict:
+def sample_training(session_name: str, ingested: IngestedSession, embedded: EmbeddedSession,
+                    memory: StoredMemory, docs_urls: dict[str, str],
+                    previous_training: PreviousTraining | None, sampling: SamplingConfig,
+                    finetune: FinetuneConfig, embedding: EmbeddingConfig, model_version: str,
+                    cache_url: str, scratch_dir: str) -> SampledTraining:
     """Sample the session's training examples and plan its batches."""
     started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("sample", SAMPLE_VERSION, scratch_dir)
-    state, spec, planes = load_memory_state(str(Path(memory["files"]["memory/state.json"]).parent))
+    state, spec, planes = load_memory_state(memory.state_dir)
     selfsup = sampling.mode == SamplingMode.self_supervised
 
     # the pool: memory after this session's update, plus new documents eviction left out
-    docs = read_parquet(ingested["docs_path"])
+    docs = read_parquet(ingested.docs_path)
     new_keys = (session_name + "/" + docs["doc_id"].astype(str)).to_numpy(dtype=object)
     outside = ~pd.Index(new_keys).isin(state.memory["doc_key"])
     new_clusters = state.assignments.set_index("doc_key")["cluster_id"]
@@ -74,21 +78,22 @@ def sample_training(session_name: str, ingested: dict, embedded: dict, memory: d
                           "session": session_name})
     pool = pd.concat([state.memory[["doc_key", "cluster_id", "session"]], extra],
                      ignore_index=True)
-    new_vectors = read_npy(embedded["vectors_path"])
+    new_vectors = read_npy(embedded.vectors_path)
     pool_vectors = np.concatenate([state.vectors, new_vectors[outside]])
     doc_tokens = None
     if selfsup:
-        new_tokens, new_offsets = take_ragged(read_npy(embedded["tokens_path"]),
-                                              read_npy(embedded["token_offsets_path"]),
+        new_tokens, new_offsets = take_ragged(read_npy(embedded.tokens_path),
+                                              read_npy(embedded.token_offsets_path),
                                               np.flatnonzero(outside))
         doc_tokens = RaggedTokens(np.concatenate([state.tokens, new_tokens]),
                                   np.concatenate([state.token_offsets,
                                                   new_offsets[1:] + state.token_offsets[-1]]))
     doc_texts = doc_texts_of(pool["session"].tolist(), {**docs_urls,
-                                                        session_name: ingested["docs_path"]})
+                                                        session_name: ingested.docs_path})
 
-    queries = training_queries(read_parquet(ingested["queries_path"]),
-                               read_parquet(ingested["qrels_path"]), session_name, sampling.mode)
+    qrels = read_parquet(ingested.qrels_path)
+    queries = training_queries(read_parquet(ingested.queries_path), qrels, session_name,
+                               sampling.mode)
     query_vectors, query_tokens = _embed(f"training queries {session_name}",
                                          queries["text"].tolist(), embedding, model_version,
                                          cache_url, tokens=selfsup)
@@ -98,15 +103,15 @@ def sample_training(session_name: str, ingested: dict, embedded: dict, memory: d
                                                       query_tokens.offsets), spec, planes)
     buffer, seen = empty_query_buffer(), 0
     if previous_training is not None:
-        buffer = read_parquet(previous_training["query_buffer_url"])
-        seen = int(previous_training["buffer_seen"])
+        buffer = read_parquet(previous_training.query_buffer_url)
+        seen = previous_training.buffer_seen
     buffer_vectors, _ = _embed(f"query buffer {session_name}",
                                buffer["query_text"].astype(str).tolist(), embedding,
                                model_version, cache_url, tokens=False)
 
     result = sample_session(
         session_name, pool, pool_vectors, state.centroids, doc_texts, queries, query_vectors,
-        sampling, qrels=read_parquet(ingested["qrels_path"]), query_tokens=query_tokens,
+        sampling, qrels=qrels, query_tokens=query_tokens,
         doc_tokens=doc_tokens, query_buffer=buffer, buffer_vectors=buffer_vectors,
         probe_vectors=probe_vectors)
     for note in result.notes:
@@ -139,32 +144,33 @@ def sample_training(session_name: str, ingested: dict, embedded: dict, memory: d
     logger.info("session %s: %d training examples in %d batches (%d stratified); query "
                 "buffer %d", session_name, len(examples), len(plan.batches),
                 summary["n_stratified_batches"], len(buffer))
-    return {**summary, "examples_path": str(out / "examples.parquet"),
-            "texts_path": str(out / "texts.parquet"), "batches_path": str(out / "batches.npy"),
-            "batch_sizes_path": str(out / "batch_sizes.npy"),
-            "query_buffer_path": str(out / "query_buffer.parquet"),
-            "summary_path": str(out / "sampling.json"),
-            "seconds": time.perf_counter() - started}
+    return SampledTraining(**summary, examples_path=str(out / "examples.parquet"),
+                           texts_path=str(out / "texts.parquet"),
+                           batches_path=str(out / "batches.npy"),
+                           batch_sizes_path=str(out / "batch_sizes.npy"),
+                           query_buffer_path=str(out / "query_buffer.parquet"),
+                           summary_path=str(out / "sampling.json"),
+                           seconds=time.perf_counter() - started)
 
 
 @task(cache_key_fn=cache_key_for("finetune", FINETUNE_VERSION), persist_result=True,
       result_serializer="json", task_run_name="fine-tune {session_name}")
-def fine_tune_session(session_name: str, sampled: dict, finetune: FinetuneConfig, start: dict,
-                      scratch_dir: str) -> dict:
+def fine_tune_session(session_name: str, sampled: SampledTraining, finetune: FinetuneConfig,
+                      start: EncoderModel, scratch_dir: str) -> TrainedModel:
     """Fine-tune the session's starting model on its sampled examples."""
     started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("finetune", FINETUNE_VERSION, scratch_dir)
-    if sampled["steps"] == 0:
+    if sampled.steps == 0:
         logger.warning("session %s: no training example, the model stays %s", session_name,
-                       start["version"])
-        return {"model_path": start["path"], "model_version": start["version"],
-                "trained": False, "steps": 0, "seconds": time.perf_counter() - started}
-    texts = read_parquet(sampled["texts_path"])
-    flat, sizes = read_npy(sampled["batches_path"]), read_npy(sampled["batch_sizes_path"])
+                       start.version)
+        return TrainedModel(model_path=start.path, model_version=start.version, trained=False,
+                            steps=0, seconds=time.perf_counter() - started)
+    texts = read_parquet(sampled.texts_path)
+    flat, sizes = read_npy(sampled.batches_path), read_npy(sampled.batch_sizes_path)
     batches = np.split(flat, np.cumsum(sizes)[:-1])
     crash_point("train.start")
-    result = fine_tune(start["path"], texts, finetune, out, batch_order=batches,
+    result = fine_tune(start.path, texts, finetune, out, batch_order=batches,
                        session=session_name)
     crash_point("train.write")
     # what the run did, without wall times or scratch paths: a rerun writes the same bytes
@@ -175,8 +181,8 @@ def fine_tune_session(session_name: str, sampled: dict, finetune: FinetuneConfig
     logger.info("session %s: %d steps, mean loss %.4f -> model %s (%.0f s)", session_name,
                 result["steps"], result["mean_loss"], result["model_version"],
                 result["train_seconds"])
-    return {"model_path": result["model_path"], "model_version": result["model_version"],
-            "trained": True, "steps": result["steps"], "final_loss": result["final_loss"],
-            "summary_path": str(out / "training.json"),
-            "tensorboard_dir": result["tensorboard_dir"],
-            "seconds": time.perf_counter() - started}
+    return TrainedModel(model_path=result["model_path"], model_version=result["model_version"],
+                        trained=True, steps=result["steps"], final_loss=result["final_loss"],
+                        summary_path=str(out / "training.json"),
+                        tensorboard_dir=result["tensorboard_dir"],
+                        seconds=time.perf_counter() - started)

@@ -26,7 +26,7 @@ def datasets_dir() -> Path:
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """Folder of the packaged all-MiniLM-L6-v2 weights."""
-    from tasks.embedding import resolve_model_path
+    from driftlane.tasks.models import resolve_model_path
 
     return resolve_model_path("default")
 

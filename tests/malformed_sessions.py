@@ -170,28 +170,42 @@ def _valid(tmp: Path) -> Path:
     return write_valid_session(tmp / SESSION)
 
 
-def _broken_json(tmp: Path) -> Path:
+def _replacing_line(relative: str, line: int, data: bytes) -> Callable[[Path], Path]:
+    """A builder: a valid session whose file `relative` has line `line` replaced by `data`."""
+    def build(tmp: Path) -> Path:
+        session = _valid(tmp)
+        _replace_line(session / relative, line, data)
+        return session
+
+    return build
+
+
+_broken_json = _replacing_line("corpus.jsonl", 3, b'{"_id": "d2" "text": "a missing comma"}')
+
+
+_doc_id_with_slash = _replacing_line("corpus.jsonl", 2, b'{"_id": "a/../b", "text": "Some text."}')
+
+
+_doc_id_with_newline = _replacing_line("corpus.jsonl", 3, b'{"_id": "d\\nx", "text": "Some text."}')
+
+
+_query_id_with_nul = _replacing_line("queries.jsonl", 1, b'{"_id": "q\\u0000", "text": "a query"}')
+
+
+def _oversized_document(tmp: Path) -> Path:
     session = _valid(tmp)
-    _replace_line(session / "corpus.jsonl", 3, b'{"_id": "d2" "text": "a missing comma"}')
+    big = json.dumps({"_id": "huge", "text": "word " * 200_001}).encode()
+    _replace_line(session / "corpus.jsonl", 4, big)
     return session
 
 
-def _missing_id(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "corpus.jsonl", 2, b'{"title": "No id", "text": "Some text."}')
-    return session
+_missing_id = _replacing_line("corpus.jsonl", 2, b'{"title": "No id", "text": "Some text."}')
 
 
-def _duplicate_doc_id(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "corpus.jsonl", 4, b'{"_id": "d1", "text": "Another doc."}')
-    return session
+_duplicate_doc_id = _replacing_line("corpus.jsonl", 4, b'{"_id": "d1", "text": "Another doc."}')
 
 
-def _duplicate_query_id(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "queries.jsonl", 3, b'{"_id": "q-d0", "text": "again"}')
-    return session
+_duplicate_query_id = _replacing_line("queries.jsonl", 3, b'{"_id": "q-d0", "text": "again"}')
 
 
 def _qrels_unknown_doc(tmp: Path) -> Path:
@@ -212,22 +226,13 @@ def _qrels_unknown_query_no_queries_file(tmp: Path) -> Path:
     return session
 
 
-def _non_integer_score(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "qrels" / "test.tsv", 2, b"q-d0\td0\t1.5")
-    return session
+_non_integer_score = _replacing_line("qrels/test.tsv", 2, b"q-d0\td0\t1.5")
 
 
-def _negative_score(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "qrels" / "test.tsv", 3, b"q-d0\td1\t-1")
-    return session
+_negative_score = _replacing_line("qrels/test.tsv", 3, b"q-d0\td1\t-1")
 
 
-def _wrong_column_count(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "qrels" / "test.tsv", 4, b"q-d1\td2")
-    return session
+_wrong_column_count = _replacing_line("qrels/test.tsv", 4, b"q-d1\td2")
 
 
 def _missing_qrels_header(tmp: Path) -> Path:
@@ -237,10 +242,7 @@ def _missing_qrels_header(tmp: Path) -> Path:
     return session
 
 
-def _wrong_qrels_header(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "qrels" / "train.tsv", 1, b"qid\tdocid\trel")
-    return session
+_wrong_qrels_header = _replacing_line("qrels/train.tsv", 1, b"qid\tdocid\trel")
 
 
 def _duplicate_qrels_pair(tmp: Path) -> Path:
@@ -249,46 +251,25 @@ def _duplicate_qrels_pair(tmp: Path) -> Path:
     return session
 
 
-def _non_utf8(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "corpus.jsonl", 5, b'{"_id": "d4", "text": "caf\xe9 latte"}')
-    return session
+_non_utf8 = _replacing_line("corpus.jsonl", 5, b'{"_id": "d4", "text": "caf\xe9 latte"}')
 
 
-def _not_an_object(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "corpus.jsonl", 2, b'["d1", "a list, not an object"]')
-    return session
+_not_an_object = _replacing_line("corpus.jsonl", 2, b'["d1", "a list, not an object"]')
 
 
-def _id_not_string(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "corpus.jsonl", 6, b'{"_id": 5.5, "text": "float id"}')
-    return session
+_id_not_string = _replacing_line("corpus.jsonl", 6, b'{"_id": 5.5, "text": "float id"}')
 
 
-def _empty_id(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "corpus.jsonl", 2, b'{"_id": "", "text": "no id"}')
-    return session
+_empty_id = _replacing_line("corpus.jsonl", 2, b'{"_id": "", "text": "no id"}')
 
 
-def _text_not_string(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "corpus.jsonl", 3, b'{"_id": "d2", "text": ["a", "list"]}')
-    return session
+_text_not_string = _replacing_line("corpus.jsonl", 3, b'{"_id": "d2", "text": ["a", "list"]}')
 
 
-def _missing_text(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "corpus.jsonl", 3, b'{"_id": "d2", "title": "Only a title"}')
-    return session
+_missing_text = _replacing_line("corpus.jsonl", 3, b'{"_id": "d2", "title": "Only a title"}')
 
 
-def _empty_query_text(tmp: Path) -> Path:
-    session = _valid(tmp)
-    _replace_line(session / "queries.jsonl", 2, b'{"_id": "q-d1", "text": "  "}')
-    return session
+_empty_query_text = _replacing_line("queries.jsonl", 2, b'{"_id": "q-d1", "text": "  "}')
 
 
 def _empty_corpus(tmp: Path) -> Path:
@@ -355,7 +336,18 @@ def _folder_is_a_file(tmp: Path) -> Path:
 _S = rf"{SESSION}/"  # every message names a file inside the session folder (or the folder)
 
 MALFORMED: list[Malformed] = [
-    Malformed("broken_json", _broken_json, _S + r"corpus\.jsonl:3: invalid JSON \(Expecting"),
+    Malformed("broken_json", _broken_json,
+              _S + r"corpus\.jsonl:3: invalid JSON at column 14 \(Expecting ',' delimiter\)"),
+    Malformed("doc_id_with_slash", _doc_id_with_slash,
+              _S + r"corpus\.jsonl:2: doc id 'a/\.\./b' contains '/'"),
+    Malformed("doc_id_with_newline", _doc_id_with_newline,
+              _S + r"corpus\.jsonl:3: doc id 'd\\nx' contains the control character U\+000A"),
+    Malformed("query_id_with_nul", _query_id_with_nul,
+              _S + r"queries\.jsonl:1: query id 'q\\x00' contains the control character "
+                   r"U\+0000"),
+    Malformed("oversized_document", _oversized_document,
+              _S + r"corpus\.jsonl:4: document 'huge' has 1,000,005 characters, more than the "
+                   r"limit of 1,000,000 \(\[ingest\] max_document_chars\)"),
     Malformed("missing_id", _missing_id, _S + r"corpus\.jsonl:2: missing '_id'"),
     Malformed(
         "duplicate_doc_id",

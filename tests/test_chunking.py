@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from tasks.chunking import (
+from driftlane.tasks.chunking import (
     SpecialTokens,
     build_window_batch,
     special_tokens_of,

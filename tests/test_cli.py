@@ -13,7 +13,7 @@ from malformed_sessions import MALFORMED
 from real_sessions import cut_session
 from typer.testing import CliRunner
 
-from infra.cli import app
+from driftlane.flows.cli import app
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "scratch")
 DRIFTLANE = Path(sys.executable).parent / "driftlane"

@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 from threadpoolctl import threadpool_limits
 
-from tasks.cluster_ids import (
+from driftlane.tasks.cluster_ids import (
     apply_mapping,
     issue_cluster_ids,
     jaccard_overlap,
     match_clusters,
 )
-from tasks.memory import CentroidTable
-from tasks.warmup import choose_k_and_cluster, unit_rows
+from driftlane.tasks.memory import CentroidTable
+from driftlane.tasks.warmup import choose_k_and_cluster, unit_rows
 
 
 def labels_by_doc(labels, prefix="d") -> pd.Series:

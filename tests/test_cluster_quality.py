@@ -10,8 +10,8 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 
-from tasks.cluster_quality import cluster_report, dunn_index
-from tasks.warmup import unit_rows
+from driftlane.tasks.cluster_quality import cluster_report, dunn_index
+from driftlane.tasks.warmup import unit_rows
 
 
 @pytest.fixture()

@@ -19,7 +19,7 @@ import pytest
 from malformed_sessions import write_valid_session
 from test_session_flow import published_files
 
-from infra.store import Store
+from driftlane.infra.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 DRIFTLANE = str(Path(sys.executable).parent / "driftlane")
@@ -31,9 +31,11 @@ KILL_POINTS = ["embed.start", "memory.write", "train.start", "index.write",
 def cli(*args: str, scratch: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
     from prefect.settings import PREFECT_API_URL
 
-    # A 2 s store-lock lease: a run killed while holding the store lock frees it in seconds.
+    # A run killed while holding the store lock frees it when its lease lapses; the re-run
+    # waits for that (up to [lock] wait_seconds, 90 s). 15 s keeps the wait short while a
+    # loaded machine still renews in time (every 2.5 s; a renewal may come 12 s late).
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
-           "DRIFTLANE_SCRATCH": str(scratch), "DRIFTLANE_LOCK_LEASE_S": "2"}
+           "DRIFTLANE_SCRATCH": str(scratch), "DRIFTLANE_LOCK_LEASE_S": "15"}
     env.pop("DRIFTLANE_KILL_AT", None)
     if kill_at:
         env["DRIFTLANE_KILL_AT"] = kill_at

@@ -14,18 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infra.config import ChunkingConfig, WindowPooling
-from tasks import embedding as embedding_module
-from tasks.chunking import tokenize_content, window_spans
-from tasks.embedding import (
-    EmbeddingCache,
-    document_text,
-    embed_texts,
-    embed_with_cache,
-    model_version,
-    resolve_model_path,
-    text_digest,
-)
+from driftlane.infra import embedding_cache as cache_module
+from driftlane.infra.config import ChunkingConfig, WindowPooling
+from driftlane.infra.embedding_cache import EmbeddingCache
+from driftlane.tasks import embedding as embedding_module
+from driftlane.tasks.chunking import tokenize_content, window_spans
+from driftlane.tasks.embedding import embed_texts
+from driftlane.tasks.embedding_stage import embed_with_cache
+from driftlane.tasks.models import model_version, resolve_model_path
+from driftlane.tasks.texts import document_text, text_digest
 
 
 def _read_corpus(path: Path, limit: int | None = None) -> list[str]:
@@ -185,7 +182,7 @@ def test_window_longer_than_model_is_capped(encoder, long_document, caplog) -> N
     text = " ".join(long_document.split()[:450])
     n_tokens = tokenize_content(encoder.tokenizer, [text])[0].shape[0]
     chunking = ChunkingConfig(window_tokens=512, overlap_tokens=64, pooling=WindowPooling.first)
-    with caplog.at_level(logging.WARNING, logger="tasks.embedding"):
+    with caplog.at_level(logging.WARNING, logger="driftlane.tasks.embedding"):
         got = embed_texts(encoder, [text], chunking)
     assert "max_seq_length=256" in caplog.text
     assert got.n_windows.tolist() == [len(window_spans(n_tokens, 254, 64))] and n_tokens > 256
@@ -351,7 +348,7 @@ def test_shard_without_parquet_is_ignored(
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(embedding_module.pq, "write_table", crash)
+        patch.setattr(cache_module.pq, "write_table", crash)
         with pytest.raises(OSError, match="disk full"):
             embed_with_cache(encoder, texts, SMALL, EmbeddingCache(cache_root, "m1", SMALL))
     cache = EmbeddingCache(cache_root, "m1", SMALL)

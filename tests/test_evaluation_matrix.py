@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.evaluation import continual_summary, metrics_matrix, ranking_from_search
+from driftlane.tasks.evaluation import continual_summary, metrics_matrix, ranking_from_search
 
 
 def row(**scores):

@@ -9,9 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from infra.config import FinetuneConfig
-from tasks.embedding import model_version
-from tasks.finetune import _build_trainer, _training_frame, fine_tune, tensorboard_available
+from driftlane.infra.config import FinetuneConfig
+from driftlane.tasks.finetune import (
+    _build_trainer,
+    _training_frame,
+    fine_tune,
+    tensorboard_available,
+)
+from driftlane.tasks.models import model_version
 
 EXAMPLES = pd.DataFrame({
     "anchor": ["what do cats say", "what do dogs say", "how do fish move", "how do birds move"],

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infra.config import IndexConfig
-from tasks.indexing import build_index_from_factory, choose_index, search
+from driftlane.infra.config import IndexConfig
+from driftlane.tasks.indexing import build_index_from_factory, choose_index, search
 
 
 @pytest.mark.parametrize(("n", "expected"), [

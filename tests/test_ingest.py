@@ -13,13 +13,8 @@ import pandas as pd
 import pytest
 from malformed_sessions import MALFORMED, write_valid_session
 
-from tasks.ingest import (
-    SessionData,
-    SessionFormatError,
-    read_session,
-    session_digest,
-    validate_session,
-)
+from driftlane.tasks.ingest import SessionData, SessionFormatError, read_session, validate_session
+from driftlane.tasks.session_files import session_digest
 
 REQUIRED_CASES = {
     "broken_json",

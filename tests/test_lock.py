@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from infra import lock as lockmod
-from infra.lock import LockLost, StoreLock, StoreLocked
+from driftlane.infra import lock as lockmod
+from driftlane.infra.lock import LockLost, StoreLock, StoreLocked
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_waiting_gives_up_with_a_clear_message(tmp_path):
 RACER = """
     import sys, time
     from pathlib import Path
-    from infra.lock import StoreLock
+    from driftlane.infra.lock import StoreLock
     root, log, go, name = sys.argv[1:5]
     while not Path(go).exists():
         time.sleep(0.001)
@@ -129,7 +129,7 @@ def test_two_processes_never_interleave(tmp_path):
 HOLDER = """
     import sys, time
     from pathlib import Path
-    from infra.lock import StoreLock
+    from driftlane.infra.lock import StoreLock
     root, ready = sys.argv[1:3]
     StoreLock(root, owner_label="doomed", lease_seconds=1.5).acquire()
     Path(ready).touch()
@@ -181,6 +181,59 @@ def test_keep_alive_holds_a_short_lease(tmp_path):
         with pytest.raises(StoreLocked):
             StoreLock(tmp_path, grace_seconds=0.0).acquire()
     assert _leftovers(tmp_path) == []
+
+
+def _far_future_lock(root: Path, lease: float = 60.0, ahead: float = 86400.0) -> None:
+    """A `.lock` as a hand edit or a skewed clock leaves it: expiring a day from now."""
+    root.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    record = {"host": "elsewhere", "pid": 4242, "label": "skewed run", "token": "t",
+              "acquired_at": now, "expires_at": now + ahead, "lease_seconds": lease,
+              "released": False, "unique": ".lock.elsewhere.4242.x"}
+    (root / ".lock").write_bytes(lockmod._encode(record))
+
+
+def test_expiry_far_beyond_the_lease_is_stale_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "store"
+    _far_future_lock(root)
+    before = (root / ".lock").read_bytes()
+    with caplog.at_level("WARNING", logger="driftlane.infra.lock"), \
+            StoreLock(root, owner_label="next run", lease_seconds=60) as lk:
+        assert lk.owner()["label"] == "next run"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("more than its own lease of 60 s" in w and "skewed run" in w for w in warnings)
+    assert before != b""  # the far-future record was there, and it did not block us
+    assert _leftovers(root) == []
+
+
+def test_expiry_within_the_lease_is_respected(tmp_path):
+    root = tmp_path / "store"
+    _far_future_lock(root, lease=60.0, ahead=50.0)  # an honest holder's live lease
+    with pytest.raises(StoreLocked, match="skewed run"):
+        StoreLock(root, lease_seconds=60).acquire()
+
+
+def test_late_renewal_is_logged(tmp_path, caplog, monkeypatch):
+    """A heartbeat that wakes later than a third of the lease says so."""
+    lk = StoreLock(tmp_path, lease_seconds=3.0, keep_alive=True)
+    real_renew = StoreLock.renew
+    calls = []
+
+    def slow_renew(self):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(1.2)  # the first renewal is held up, as on a loaded machine
+        real_renew(self)
+
+    monkeypatch.setattr(StoreLock, "renew", slow_renew)
+    with caplog.at_level("WARNING", logger="driftlane.infra.lock"), lk:
+        deadline = time.monotonic() + 30
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lk.check()
+    assert len(calls) >= 2
+    assert any("renewed" in r.getMessage() and "after the previous renewal" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_holder_that_lost_its_lock_never_touches_the_new_owner(tmp_path):

@@ -1,4 +1,5 @@
-"""Clustered memory: statistics, refresh, fixed-centroid assignment, eviction (tasks/memory.py)."""
+"""Clustered memory: statistics, refresh, fixed-centroid assignment, eviction (tasks/memory.py,
+tasks/cluster_assignment.py, tasks/eviction.py)."""
 
 from __future__ import annotations
 
@@ -6,23 +7,25 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.memory import (
+from driftlane.tasks.cluster_assignment import (
+    assign_to_nearest_cluster,
+    group_outliers,
+    pooled_boundary,
+)
+from driftlane.tasks.eviction import evict
+from driftlane.tasks.memory import (
     MEMORY_COLUMNS,
     CentroidTable,
     append_to_memory,
-    assign_to_nearest_cluster,
     cluster_statistics,
     distances_to_centroids,
     empty_memory,
-    evict,
-    group_outliers,
     memory_rows,
     next_stream_index,
-    pooled_boundary,
     refresh_centroids,
     refresh_memory,
 )
-from tasks.warmup import unit_rows
+from driftlane.tasks.warmup import unit_rows
 
 DIM = 16
 

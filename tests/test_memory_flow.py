@@ -9,9 +9,9 @@ import pytest
 from real_sessions import cut_session
 from typer.testing import CliRunner
 
-from infra.cli import app
-from infra.store import Store
-from tasks.session_memory import load_memory_state
+from driftlane.flows.cli import app
+from driftlane.infra.store import Store
+from driftlane.tasks.memory_state import load_memory_state
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "scratch")
 BUDGET = 40
@@ -112,8 +112,8 @@ def identical_session(folder, n_docs: int):
 
 @pytest.mark.parametrize("n_docs", [1, 4])
 def test_degenerate_sessions_complete_with_a_log_line(tmp_path, caplog, n_docs):
-    from flows.session import session_flow
-    from infra.config import SessionConfig
+    from driftlane.flows.session import session_flow
+    from driftlane.infra.config import SessionConfig
 
     session = identical_session(tmp_path / f"same{n_docs}", n_docs)
     config = SessionConfig.model_validate({"finetune": {"max_steps": 1, "batch_size": 2,

@@ -17,11 +17,11 @@ from prefect.client.schemas.filters import (
 from transformers import TrainerControl, TrainerState
 from typer.testing import CliRunner
 
-import infra.cli
-import infra.progress
-from infra.config import FinetuneConfig
-from infra.progress import Progress, enable_cli_bars
-from tasks.finetune import _training_progress, fine_tune
+import driftlane.flows.cli as cli_module
+import driftlane.infra.progress as progress_module
+from driftlane.infra.config import FinetuneConfig
+from driftlane.infra.progress import Progress, enable_cli_bars
+from driftlane.tasks.finetune import _training_progress, fine_tune
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 @pytest.fixture(autouse=True)
 def bars_off(monkeypatch):
     """Bars start off and whatever a test switches on is switched off after it."""
-    monkeypatch.setattr(infra.progress, "_cli_bars", False)
+    monkeypatch.setattr(progress_module, "_cli_bars", False)
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def fake_artifact_api(monkeypatch):
         calls.append(("update", progress))
         return artifact_id
 
-    monkeypatch.setattr(infra.progress, "_in_prefect_run", lambda: True)
+    monkeypatch.setattr(progress_module, "_in_prefect_run", lambda: True)
     monkeypatch.setattr("prefect.artifacts.create_progress_artifact", create)
     monkeypatch.setattr("prefect.artifacts.update_progress_artifact", update)
     return calls
@@ -64,7 +64,7 @@ def test_outside_a_run_progress_counts_and_calls_no_api(monkeypatch, capsys):
 
     monkeypatch.setattr("prefect.artifacts.create_progress_artifact", no_api)
     monkeypatch.setattr("prefect.artifacts.update_progress_artifact", no_api)
-    monkeypatch.setattr(infra.progress, "UPDATE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress_module, "UPDATE_INTERVAL_S", 0.0)
     with Progress("embed 00_scifact", total=3, description="embedding 00_scifact") as progress:
         for _ in range(3):
             progress.advance()
@@ -87,13 +87,13 @@ def test_cli_bars_draw_on_stderr_only_when_enabled(capsys):
 
 
 def test_updates_are_throttled_but_close_always_reports(monkeypatch, fake_artifact_api):
-    monkeypatch.setattr(infra.progress, "UPDATE_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(progress_module, "UPDATE_INTERVAL_S", 3600.0)
     with Progress("train", total=10, description="training") as progress:
         for _ in range(10):
             progress.advance()
     assert fake_artifact_api == [("create", 0.0), ("update", 100.0)]
     fake_artifact_api.clear()
-    monkeypatch.setattr(infra.progress, "UPDATE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress_module, "UPDATE_INTERVAL_S", 0.0)
     with Progress("train", total=4, description="training") as progress:
         for _ in range(2):
             progress.advance()
@@ -111,11 +111,11 @@ def test_a_failing_artifact_api_warns_once_and_the_work_goes_on(monkeypatch, cap
     def broken(*args, **kwargs):
         raise RuntimeError("server gone")
 
-    monkeypatch.setattr(infra.progress, "_in_prefect_run", lambda: True)
-    monkeypatch.setattr(infra.progress, "UPDATE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress_module, "_in_prefect_run", lambda: True)
+    monkeypatch.setattr(progress_module, "UPDATE_INTERVAL_S", 0.0)
     monkeypatch.setattr("prefect.artifacts.create_progress_artifact", lambda **kw: uuid.uuid4())
     monkeypatch.setattr("prefect.artifacts.update_progress_artifact", broken)
-    with caplog.at_level(logging.WARNING, logger="infra.progress"):
+    with caplog.at_level(logging.WARNING, logger="driftlane.infra.progress"):
         with Progress("embed", total=4, description="embedding") as progress:
             for _ in range(4):
                 progress.advance()
@@ -128,7 +128,7 @@ def test_a_failing_artifact_api_warns_once_and_the_work_goes_on(monkeypatch, cap
 
 
 def test_a_flow_run_ends_with_a_progress_artifact_at_100(monkeypatch):
-    monkeypatch.setattr(infra.progress, "UPDATE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress_module, "UPDATE_INTERVAL_S", 0.0)
 
     @flow
     def count_to_four() -> None:
@@ -143,7 +143,7 @@ def test_a_flow_run_ends_with_a_progress_artifact_at_100(monkeypatch):
 
 
 def test_the_training_callback_reports_every_step(fake_artifact_api, monkeypatch):
-    monkeypatch.setattr(infra.progress, "UPDATE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress_module, "UPDATE_INTERVAL_S", 0.0)
     callback = _training_progress("00_scifact")
     state, control = TrainerState(max_steps=4), TrainerControl()
     callback.on_train_begin(None, state, control)
@@ -161,7 +161,7 @@ def test_the_training_callback_reports_every_step(fake_artifact_api, monkeypatch
 def test_fine_tune_in_a_task_reports_its_steps_under_the_session_name(
         minilm_path, tmp_path, monkeypatch):
     """Two optimizer steps inside a task, reported under the session's name."""
-    monkeypatch.setattr(infra.progress, "UPDATE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress_module, "UPDATE_INTERVAL_S", 0.0)
     examples = pd.DataFrame({"anchor": ["what do cats say", "how do fish move"],
                              "positive": ["cats meow at night", "fish swim with fins"]})
     config = FinetuneConfig(batch_size=2, max_seq_length=16, warmup_ratio=0.0)
@@ -186,9 +186,10 @@ def test_fine_tune_in_a_task_reports_its_steps_under_the_session_name(
 @pytest.mark.parametrize("command", ["run-session", "run-stream"])
 def test_cli_progress_option_switches_the_bars(monkeypatch, command, flag, expected):
     seen = []
-    monkeypatch.setattr(infra.cli, "_run_flows",
-                        lambda *args: seen.append(infra.progress._cli_bars))
+    monkeypatch.setattr(cli_module, "_run_flows",
+                        lambda *args: seen.append(progress_module._cli_bars))
     enable_cli_bars(not expected)
-    result = CliRunner().invoke(infra.cli.app, [command, "session", "--store", "store", *flag],
+    result = CliRunner().invoke(cli_module.app,
+                                [command, "session", "--store", "store", *flag],
                                 catch_exceptions=False)
     assert result.exit_code == 0 and seen == [expected]

@@ -48,5 +48,42 @@ def test_packaging_declares_the_dependencies_and_the_cli():
     assert any("faiss-cpu" in d for d in extras["cpu"])
     assert any("faiss-gpu" in d for d in extras["gpu"])
     assert "faiss" not in deps  # the gpu extra replaces faiss-cpu rather than adding to it
-    assert project["scripts"]["driftlane"] == "infra.cli:app"
+    assert project["scripts"]["driftlane"] == "driftlane.flows.cli:app"
     assert (Path(sys.executable).parent / "driftlane").exists()
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_imported_package_is_declared():
+    """A module of flows/, tasks/ or infra/ imports only the standard library, the project
+    and declared dependencies (extras included), so a fresh install cannot miss one."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {_requirement_name(r) for r in project["dependencies"]}
+    declared |= {_requirement_name(r) for extra in project["optional-dependencies"].values()
+                 for r in extra}
+    distributions = packages_distributions()
+    missing = set()
+    for path in sorted(p for layer in ("flows", "tasks", "infra")
+                       for p in (REPO / layer).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("driftlane", "flows", "tasks",
+                                                            "infra", "benchmarks"):
+                    continue
+                dists = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+                if not dists & declared:
+                    missing.add(f"{path.relative_to(REPO)}: {top} ({', '.join(sorted(dists))})")
+    assert not missing, "imported but not declared in pyproject.toml:\n" + "\n".join(
+        sorted(missing))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import tasks.prototypes as prototypes
-from tasks.prototypes import (
+import driftlane.tasks.prototypes as prototypes
+from driftlane.tasks.prototypes import (
     PrototypeSpec,
     add_members,
     cluster_centroids,
@@ -19,7 +19,7 @@ from tasks.prototypes import (
     save_prototype_spec,
     simhash_buckets,
 )
-from tasks.scoring import maxsim_matrix
+from driftlane.tasks.scoring import maxsim_matrix
 
 SMALL = PrototypeSpec(n_bits=3, n_repetitions=4, projection_dim=None, seed=3, dim=16)
 PROJECTED = PrototypeSpec(n_bits=2, n_repetitions=3, projection_dim=5, seed=11, dim=16)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.session import session_flow
-from infra.config import (
+from driftlane.flows.session import session_flow
+from driftlane.infra.config import (
     ChunkingConfig,
     EmbeddingConfig,
     FinetuneConfig,

@@ -1,4 +1,5 @@
-"""Training examples: positives, negatives, replay, query buffer, batches (tasks/sampling.py).
+"""Training examples: positives, negatives, replay, query buffer (tasks/sampling.py,
+tasks/negatives.py, tasks/pseudo_positives.py, tasks/replay.py).
 
 Hand-made geometry. Three cluster centroids: cluster 1 along e0, cluster 2 along e1, cluster 3
 (a singleton) between e2 and e1, so its next-nearest cluster is 2. Every document gets a private
@@ -12,30 +13,33 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from infra.config import FinetuneConfig, SamplingConfig
-from tasks.memory import CentroidTable, next_stream_index
-from tasks.sampling import (
+from driftlane.infra.config import SamplingConfig
+from driftlane.tasks.batching import plan_batches
+from driftlane.tasks.memory import CentroidTable, next_stream_index
+from driftlane.tasks.negatives import (
     EXAMPLE_COLUMNS,
-    QUERY_BUFFER_COLUMNS,
-    RaggedTokens,
+    CandidatePool,
     anchor_span,
     document_examples,
-    empty_query_buffer,
     examples_from_pairs,
-    labeled_pairs,
-    plan_batches,
-    pseudo_positives,
+)
+from driftlane.tasks.pseudo_positives import RaggedTokens, pseudo_positives
+from driftlane.tasks.replay import (
+    QUERY_BUFFER_COLUMNS,
+    empty_query_buffer,
     query_buffer_rows,
     replay_count,
-    sample_session,
-    singleton_doc_keys,
-    training_budget,
-    training_queries,
-    training_texts,
     update_query_buffer,
 )
-from tasks.scoring import maxsim_matrix
-from tasks.warmup import unit_rows
+from driftlane.tasks.sampling import (
+    labeled_pairs,
+    sample_session,
+    singleton_doc_keys,
+    training_queries,
+    training_texts,
+)
+from driftlane.tasks.scoring import maxsim_matrix
+from driftlane.tasks.warmup import unit_rows
 
 DIM = 24
 
@@ -87,11 +91,15 @@ def pairs_of(*rows):
                          "positive_key": [r[2] for r in rows]})
 
 
+def candidates(world):
+    return CandidatePool.from_table(world["pool"], world["vectors"], world["centroids"])
+
+
 def one_example(world, positive="s1/a", vector=None, query="s1/q1", **kw):
     args = {"margin": 0.05, "easy_ratio": 0.0, "seed": 0, "origin": "labeled"} | kw
     vector = axis(0) if vector is None else vector
     return examples_from_pairs(pairs_of((query, "query one", positive)), vector[None],
-                               world["pool"], world["vectors"], world["centroids"], **args)
+                               candidates(world), **args)
 
 
 # --- positives ---
@@ -159,16 +167,14 @@ def test_known_positives_are_never_negatives(world):
 
 def test_easy_negatives_come_from_other_clusters(world):
     pairs = pairs_of(*[(f"s1/q{i}", "q", "s1/a") for i in range(40)])
-    examples = examples_from_pairs(pairs, np.tile(axis(0), (40, 1)), world["pool"],
-                                   world["vectors"], world["centroids"], margin=0.05,
-                                   easy_ratio=1.0, seed=3, origin="labeled")
+    examples = examples_from_pairs(pairs, np.tile(axis(0), (40, 1)), candidates(world),
+                                   margin=0.05, easy_ratio=1.0, seed=3, origin="labeled")
     assert (examples["negative_kind"] == "easy").all()
     clusters = world["pool"].set_index("doc_key")["cluster_id"]
     assert (clusters[examples["negative_key"]] != 1).all()
     assert examples["negative_key"].nunique() > 1  # drawn at random, not always the same
-    mixed = examples_from_pairs(pairs, np.tile(axis(0), (40, 1)), world["pool"],
-                                world["vectors"], world["centroids"], margin=0.05,
-                                easy_ratio=0.5, seed=3, origin="labeled")
+    mixed = examples_from_pairs(pairs, np.tile(axis(0), (40, 1)), candidates(world),
+                                margin=0.05, easy_ratio=0.5, seed=3, origin="labeled")
     assert set(mixed["negative_kind"]) == {"easy", "hard"}
 
 
@@ -183,9 +189,8 @@ def test_singleton_positive_borrows_from_the_next_nearest_cluster(world):
 def test_singleton_document_is_its_own_positive(world):
     assert singleton_doc_keys(world["pool"]).tolist() == ["s1/g"]
     assert singleton_doc_keys(world["pool"], session="s0").tolist() == []
-    examples = document_examples(["s1/g"], world["texts"], world["pool"], world["vectors"],
-                                 world["centroids"], span_words=8, margin=0.05, easy_ratio=0.0,
-                                 seed=0)
+    examples = document_examples(["s1/g"], world["texts"], candidates(world), span_words=8,
+                                 margin=0.05, easy_ratio=0.0, seed=0)
     example = examples.iloc[0]
     assert example.query_key == "span:s1/g"
     assert example.positive_key == "s1/g" and example.origin == "span"
@@ -340,66 +345,3 @@ def test_same_seed_same_examples_and_inputs_unchanged(world):
     np.testing.assert_array_equal(world["centroids"].vectors, centroid_vectors)
     pd.testing.assert_frame_equal(buffer, buffer_copy)
     np.testing.assert_array_equal(buffer_vectors, bv_copy)
-
-
-# --- batches and budget ---
-
-
-def stratifiable(sizes=(8, 8, 8)):
-    """Examples in clusters of the given sizes, every example with its own documents."""
-    cluster = np.repeat(np.arange(len(sizes)), sizes).astype(np.int64)
-    n = len(cluster)
-    return pd.DataFrame({"query_key": [f"s/q{i}" for i in range(n)], "anchor": "a",
-                         "positive_key": [f"s/p{i}" for i in range(n)],
-                         "negative_key": [f"s/n{i}" for i in range(n)], "negative_kind": "hard",
-                         "cluster_id": cluster, "origin": "labeled", "source": "new"})
-
-
-def test_stratified_batches_after_the_curriculum():
-    examples = stratifiable()
-    plan = plan_batches(examples, batch_size=4, n_batches=12, mixed_fraction=0.5, seed=0)
-    assert len(plan) == 12 and all(len(b) == 4 for b in plan.batches)
-    assert not plan.stratified[:6].any() and plan.stratified[6:].all()
-    cluster = examples["cluster_id"].to_numpy()
-    assert all(len(set(cluster[b])) == 1 for b in plan.batches[6:])
-    assert any(len(set(cluster[b])) > 1 for b in plan.batches[:6])
-    for first in (0, 6):  # each pass shows every example once
-        shown = np.sort(np.concatenate(plan.batches[first:first + 6]))
-        np.testing.assert_array_equal(shown, np.arange(24))
-    # the switch in the middle of a pass: leftovers of each cluster go to mixed batches
-    uneven = stratifiable((7, 9, 5))
-    plan = plan_batches(uneven, batch_size=4, n_batches=20, mixed_fraction=0.2, seed=1)
-    assert not plan.stratified[:4].any()
-    cluster = uneven["cluster_id"].to_numpy()
-    assert all(len(set(cluster[b])) == 1 for b, s in zip(plan.batches, plan.stratified,
-                                                         strict=True) if s)
-    assert plan.stratified[4:].sum() >= 8
-    plain = plan_batches(examples, 4, 12, stratified=False, seed=0)
-    assert not plain.stratified.any()
-
-
-def test_batches_are_seeded_and_avoid_in_batch_false_negatives():
-    examples = stratifiable((6, 6))
-    # examples 0-3 share one positive; example 4's negative is that positive
-    examples.loc[0:3, "positive_key"] = "s/shared"
-    examples.loc[4, "negative_key"] = "s/shared"
-    plan = plan_batches(examples, batch_size=3, n_batches=8, mixed_fraction=0.5, seed=2)
-    for batch in plan.batches:
-        assert len(set(batch) & {0, 1, 2, 3, 4}) <= 1
-    again = plan_batches(examples, batch_size=3, n_batches=8, mixed_fraction=0.5, seed=2)
-    assert all(np.array_equal(a, b) for a, b in zip(plan.batches, again.batches, strict=True))
-    other = plan_batches(examples, batch_size=3, n_batches=8, mixed_fraction=0.5, seed=3)
-    assert any(not np.array_equal(a, b) for a, b in zip(plan.batches, other.batches,
-                                                         strict=True))
-
-
-def test_training_budget():
-    config = FinetuneConfig(batch_size=32)
-    assert training_budget(100, config).steps == 4  # ceil(100 / 32)
-    assert training_budget(100, config.model_copy(update={"epochs": 2.5})).steps == 8
-    assert training_budget(0, config).steps == 0
-    by_steps = config.model_copy(update={"budget_unit": "steps", "steps": 50})
-    budget = training_budget(10, by_steps)
-    assert budget.steps == 50 and budget.examples == 1600 and budget.epochs == 160.0
-    capped = config.model_copy(update={"epochs": 10, "max_steps": 7})
-    assert training_budget(1000, capped).steps == 7

@@ -7,9 +7,9 @@ import pytest
 from malformed_sessions import write_valid_session
 from test_session_flow import published_files
 
-from flows.session import session_flow
-from infra.config import RunnerConfig, RunnerKind, SessionConfig
-from infra.runners import current_runner, map_shards, shard_runner, split
+from driftlane.flows.session import session_flow
+from driftlane.infra.config import RunnerConfig, RunnerKind, SessionConfig
+from driftlane.infra.runners import current_runner, map_shards, shard_runner, split
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "scratch")
 
@@ -67,9 +67,10 @@ def test_dask_cluster_of_two_workers_embeds_exactly_like_the_flow_process(tmp_pa
 
 def test_stage_embeds_only_what_the_cache_lacks_and_loads_no_encoder_when_all_cached(
         tmp_path, minilm_path, monkeypatch):
-    import tasks.embedding as embedding_module
-    from infra.config import ChunkingConfig, EmbeddingConfig
-    from tasks.embedding import EmbeddingCache, embed_stage
+    import driftlane.tasks.embedding_stage as embedding_module
+    from driftlane.infra.config import ChunkingConfig, EmbeddingConfig
+    from driftlane.infra.embedding_cache import EmbeddingCache
+    from driftlane.tasks.embedding_stage import embed_stage
 
     chunking = ChunkingConfig(window_tokens=32, overlap_tokens=8)
     embedding = EmbeddingConfig(model=minilm_path, device="cpu", chunking=chunking)

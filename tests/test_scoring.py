@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.scoring import (
+from driftlane.tasks.scoring import (
     maxsim_against_batches,
     maxsim_matrix,
     maxsim_scores,

@@ -1,7 +1,7 @@
 """driftlane as users run it: a real Prefect server, the served deployments, the landing folder,
 and a failed run retried the way the UI's Retry button does it.
 
-One server and one `python -m flows.deploy` process are shared by the module (both are real
+One server and one `python -m driftlane.flows.deploy` process are shared by the module (both real
 subprocesses in their own process groups, stopped in `finally`). The deploy process runs with
 `DRIFTLANE_FAIL_AT=train.start` armed by `DRIFTLANE_FAULT_SWITCH`: a run fails in
 fine-tuning only while the switch file exists.
@@ -27,8 +27,8 @@ import yaml
 from real_sessions import cut_session
 from test_session_flow import published_files
 
-from infra.faults import InjectedFailure, crash_point
-from infra.store import Store
+from driftlane.infra.faults import InjectedFailure, crash_point
+from driftlane.infra.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -117,7 +117,7 @@ def served(tmp_path_factory):
                   "PREFECT_SERVER_API_PORT": str(port), "PREFECT_SERVER_UI_ENABLED": "false"}
     deploy_env = {**base_env, "PREFECT_HOME": str(root / "client-home"),
                   "PREFECT_API_URL": api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-                  "DRIFTLANE_SCRATCH": str(root / "scratch"), "DRIFTLANE_LOCK_LEASE_S": "5",
+                  "DRIFTLANE_SCRATCH": str(root / "scratch"), "DRIFTLANE_LOCK_LEASE_S": "15",
                   "DRIFTLANE_FAIL_AT": FAIL_POINT,
                   "DRIFTLANE_FAULT_SWITCH": str(root / "fault-switch")}
     served = Served(api_url, root, root / "store", root / "landing", root / "fault-switch",
@@ -139,14 +139,14 @@ def served(tmp_path_factory):
 
         wait_until(healthy, 180, "the Prefect server's /api/health", served.logs)
         deployer = start_group(
-            [sys.executable, "-m", "flows.deploy", "--store", str(served.store),
+            [sys.executable, "-m", "driftlane.flows.deploy", "--store", str(served.store),
              "--landing", str(served.landing), "--interval", str(INTERVAL_S)],
             deploy_env, served.logs[1])
         with temporary_settings({PREFECT_API_URL: api_url}):
             with get_client(sync_client=True) as client:
                 def deployed() -> bool:
                     if deployer.poll() is not None:
-                        pytest.fail(f"flows.deploy exited:\n{tail(served.logs[1])}")
+                        pytest.fail(f"driftlane.flows.deploy exited:\n{tail(served.logs[1])}")
                     return len(client.read_deployments()) == 3
 
                 wait_until(deployed, 120, "three deployments", served.logs)
@@ -377,7 +377,7 @@ def test_prefect_yaml_declares_the_same_deployments_for_a_work_pool():
 def test_landing_folder_listing_takes_marked_folders_in_name_order():
     import fsspec
 
-    from flows.ingestion import ready_session_folders
+    from driftlane.flows.ingestion import ready_session_folders
 
     fs = fsspec.filesystem("memory")
     for name, marked in (("2024-02", True), ("2024-01", True), ("2024-03", False)):
@@ -412,7 +412,7 @@ def test_a_killed_run_frees_the_store_once_its_leases_lapse(served, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from infra.writer import limit_name
+    from driftlane.infra.writer import limit_name
 
     session = write_valid_session(tmp_path / "in" / "alpha", n_docs=4, name_prefix="a")
     store = tmp_path / "store"
@@ -420,7 +420,7 @@ def test_a_killed_run_frees_the_store_once_its_leases_lapse(served, tmp_path):
     config.write_text("[lock]\nwait_seconds = 300\n[finetune]\nenabled = false\n")
     env = {**served.env, "PREFECT_API_URL": served.api_url,
            "PREFECT_HOME": str(tmp_path / "home"), "DRIFTLANE_SCRATCH": str(tmp_path / "s"),
-           "DRIFTLANE_LOCK_LEASE_S": "2"}
+           "DRIFTLANE_LOCK_LEASE_S": "15"}
     args = [str(Path(sys.executable).parent / "driftlane"), "run-session", str(session),
             "--store", str(store), "--config", str(config)]
     killed = subprocess.run(args, env={**env, "DRIFTLANE_KILL_AT": "embed.start"},

@@ -13,13 +13,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from test_store import snapshot
 
-from flows.session import session_flow
-from flows.stream import stream_flow
-from infra.config import ChunkingConfig, EmbeddingConfig, SessionConfig
-from infra.faults import InjectedFailure
-from infra.lock import StoreLock, StoreLocked
-from infra.store import Store, StoreError
-from tasks.ingest import SessionFormatError
+from driftlane.flows.session import session_flow
+from driftlane.flows.stream import stream_flow
+from driftlane.infra.config import ChunkingConfig, EmbeddingConfig, SessionConfig
+from driftlane.infra.faults import InjectedFailure
+from driftlane.infra.lock import StoreLock, StoreLocked
+from driftlane.infra.store import Store, StoreError
+from driftlane.tasks.ingest import SessionFormatError
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "scratch")
 

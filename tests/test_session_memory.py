@@ -6,16 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from infra.config import MemoryConfig
-from tasks.prototypes import PrototypeSpec, make_hyperplanes
-from tasks.session_memory import (
-    NewDocuments,
+from driftlane.infra.config import MemoryConfig
+from driftlane.tasks.memory_state import (
     load_memory_state,
     plot_cluster_sizes,
     save_memory_state,
     take_ragged,
-    update_memory,
 )
+from driftlane.tasks.memory_update import NewDocuments, update_memory
+from driftlane.tasks.prototypes import PrototypeSpec, make_hyperplanes
 
 DIM = 16
 SPEC = PrototypeSpec(n_bits=2, n_repetitions=2, projection_dim=8, seed=0, dim=DIM)

@@ -10,8 +10,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from infra.faults import InjectedFailure
-from infra.store import SessionManifest, Store, StoreError, normalize_url
+from driftlane.infra.faults import InjectedFailure
+from driftlane.infra.store import SessionManifest, Store, StoreError, normalize_url
 
 PUBLISH_STEPS = ["publish.stage", "publish.stage.file", "publish.rename", "publish.manifest"]
 

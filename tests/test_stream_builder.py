@@ -1,4 +1,4 @@
-"""Tests for infra.stream_builder (`driftlane make-stream`) on the real collections, small N."""
+"""Tests for tasks.stream_builder (`driftlane make-stream`) on the real collections, small N."""
 
 from __future__ import annotations
 
@@ -12,19 +12,18 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from infra.cli import app
-from infra.stream_builder import (
+from driftlane.flows.cli import app
+from driftlane.tasks.ingest import read_session, validate_session
+from driftlane.tasks.stream_builder import build_stream, read_dataset_index
+from driftlane.tasks.stream_plan import (
     DatasetIndex,
     StreamBuildError,
     assign_query_splits,
-    build_stream,
     largest_remainder,
     mixing_weights,
     plan_dataset,
     plan_stream,
-    read_dataset_index,
 )
-from tasks.ingest import read_session, validate_session
 
 DOMAIN = ["scifact", "cisi", "msmarco_agentset5k"]  # scifact has its own train split
 MIXED = ["cosqa", "cisi", "msmarco_agentset5k"]

@@ -11,12 +11,12 @@ import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from flows.session import session_flow
-from infra.cli import app
-from infra.config import SessionConfig
-from infra.store import Store
-from infra.stream_builder import build_stream
-from tasks.embedding import model_version, resolve_model_path
+from driftlane.flows.cli import app
+from driftlane.flows.session import session_flow
+from driftlane.infra.config import SessionConfig
+from driftlane.infra.store import Store
+from driftlane.tasks.models import model_version, resolve_model_path
+from driftlane.tasks.stream_builder import build_stream
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "scratch")
 

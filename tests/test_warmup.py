@@ -8,7 +8,7 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from threadpoolctl import threadpool_limits
 
-from tasks.warmup import choose_k_and_cluster, count_distinct_rows, unit_rows
+from driftlane.tasks.warmup import choose_k_and_cluster, count_distinct_rows, unit_rows
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,9 @@
-"""The `driftlane` command line."""
+"""The `driftlane` command line.
+
+Every command ends a failure with one line `error: <what>: <why>` on stderr and an exit code
+(1 bug, 2 bad input or usage, 3 store busy, 4 environment: permission, disk full, damaged
+store); `--debug` adds the traceback. See `flows.cli_errors`.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from infra.config import ConfigError, load_config
-from infra.progress import enable_cli_bars
-from infra.store import Store, StoreError
+from driftlane.flows.cli_errors import command, console_without_tracebacks, fail, set_debug
+from driftlane.flows.preflight import check_run
+from driftlane.infra.config import load_config
+from driftlane.infra.io import write_atomically
+from driftlane.infra.progress import enable_cli_bars
+from driftlane.infra.store import Store, StoreError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,9 +36,13 @@ ProgressOpt = Annotated[bool | None, typer.Option(
          "terminal).")]
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="On failure, print the traceback too "
+                     "(and keep tracebacks in Prefect's console output).")] = False,
+) -> None:
+    """Keep a retrieval encoder good while its corpus keeps changing."""
+    set_debug(debug)
 
 
 def _progress_bars(progress: bool | None) -> None:
@@ -49,7 +61,7 @@ def _existing_store(url: str) -> Store:
     """The store at `url`; exits with an error when there is none."""
     st = Store(url)
     if not st.exists():
-        _fail(f"{st.url}: no driftlane store here (no store.json)")
+        fail(f"{st.url}: no driftlane store here (no store.json)")
     return st
 
 
@@ -62,25 +74,18 @@ def _run_flows(session_urls: list[str], store: str, config_path: Path | None) ->
     # Without a server, Prefect starts a temporary one; its first start on a fresh machine
     # migrates a new database, which takes longer than Prefect's 20 s default on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    config = load_config(config_path)
+    # paths, store and input are checked before any server starts (seconds, one line)
+    check_run(session_urls, store, config)
+    console_without_tracebacks()
     from prefect import tags
 
-    from flows.session import session_flow, session_tags
-    from infra.faults import InjectedFailure
-    from infra.lock import StoreLocked
-    from tasks.ingest import SessionFormatError
+    from driftlane.flows.session import session_flow, session_tags
 
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        _fail(str(exc))
     summaries = []
     for url in session_urls:
-        try:
-            with tags(*session_tags(url, store)):
-                summary = session_flow(url, store, config)
-        except (SessionFormatError, StoreError, StoreLocked, InjectedFailure,
-                FileNotFoundError) as exc:
-            _fail(str(exc))
+        with tags(*session_tags(url, store)):
+            summary = session_flow(url, store, config)
         summaries.append(summary)
         if summary["status"] == "already-published":
             typer.echo(f"{summary['name']}: already in the store as session "
@@ -99,6 +104,7 @@ def _print_metrics(metrics: dict[str, dict[str, float]]) -> None:
 
 
 @app.command("run-session")
+@command
 def run_session(
     session: Annotated[str, typer.Argument(help="Session folder (BEIR layout), any fsspec URL.")],
     store: StoreOpt,
@@ -111,6 +117,7 @@ def run_session(
 
 
 @app.command("run-stream")
+@command
 def run_stream(
     sessions: Annotated[list[str], typer.Argument(help="Session folders, in stream order.")],
     store: StoreOpt,
@@ -135,23 +142,21 @@ def store_summary(store: Store) -> dict:
             "memory_budget": m.summary.get("memory_budget"),
             "metrics": store.read_json(m, "metrics.json"),
         })
-    from tasks.evaluation import continual_summary
+    from driftlane.tasks.evaluation import continual_summary
 
     stream = continual_summary([(s["name"], s["metrics"]) for s in sessions])
     return {"store": store.url, "sessions": sessions, "stream": stream}
 
 
 @app.command("show")
+@command
 def show(
     store: StoreOpt,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show the sessions of a store: model version, documents, metrics."""
     st = _existing_store(store)
-    try:
-        summary = store_summary(st)
-    except StoreError as exc:
-        _fail(str(exc))
+    summary = store_summary(st)
     if as_json:
         json.dump(summary, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -186,6 +191,7 @@ def _print_matrix(stream: dict) -> None:
 
 
 @app.command("make-stream")
+@command
 def make_stream(
     out: Annotated[Path, typer.Option("--out", help="Folder for the session folders and "
                                       "stream.json; must be empty unless --force.")],
@@ -216,15 +222,12 @@ def make_stream(
     ] = False,
 ) -> None:
     """Cut BEIR collections into numbered session folders: a continual stream."""
-    from infra.stream_builder import StreamBuildError, build_stream
+    from driftlane.tasks.stream_builder import build_stream
 
-    try:
-        manifest = build_stream(datasets or [], out, mode=mode, docs_per_session=docs_per_session,
-                                queries_per_session=queries_per_session, n_sessions=sessions,
-                                seed=seed, test_fraction=test_fraction,
-                                datasets_dir=datasets_dir, force=force)
-    except StreamBuildError as exc:
-        _fail(str(exc))
+    manifest = build_stream(datasets or [], out, mode=mode, docs_per_session=docs_per_session,
+                            queries_per_session=queries_per_session, n_sessions=sessions,
+                            seed=seed, test_fraction=test_fraction,
+                            datasets_dir=datasets_dir, force=force)
     for s in manifest["sessions"]:
         typer.echo(f"{s['name']}: {s['docs']} docs, {s['queries']} queries "
                    f"({', '.join(s['datasets'])})")
@@ -233,7 +236,7 @@ def make_stream(
 
 def cluster_table(store: Store) -> pd.DataFrame:
     """doc_id, cluster_id, session of every document, as of the latest session."""
-    from infra.io import read_parquet
+    from driftlane.infra.io import read_parquet
 
     manifests = [m for m in store.sessions() if "memory/assignments.parquet" in m.files]
     if not manifests:
@@ -245,29 +248,26 @@ def cluster_table(store: Store) -> pd.DataFrame:
 
 
 @app.command("export-clusters")
+@command
 def export_clusters(
     store: StoreOpt,
     out: Annotated[Path, typer.Option("--out", help="Output file: .csv or .parquet.")],
 ) -> None:
     """Write every document's stable cluster id (doc_id, cluster_id, session)."""
     if out.suffix not in (".csv", ".parquet"):
-        _fail(f"{out}: unknown output format {out.suffix!r} (use .csv or .parquet)")
+        fail(f"{out}: unknown output format {out.suffix!r} (use .csv or .parquet)")
     st = _existing_store(store)
-    try:
-        table = cluster_table(st)
-    except StoreError as exc:
-        _fail(str(exc))
+    table = cluster_table(st)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     if out.suffix == ".csv":
-        table.to_csv(tmp, index=False)
+        write_atomically(out, lambda tmp: table.to_csv(tmp, index=False))
     else:
-        table.to_parquet(tmp, index=False)
-    tmp.replace(out)
+        write_atomically(out, lambda tmp: table.to_parquet(tmp, index=False))
     typer.echo(f"{len(table)} documents in {table['cluster_id'].nunique()} clusters -> {out}")
 
 
 @app.command("bench")
+@command
 def bench(
     config: Annotated[str, typer.Option("--config", metavar="[small|gpu]", help="small: a "
                       "subsampled 4-session stream, 1 seed, within an hour on 2 CPU cores; "
@@ -282,10 +282,10 @@ def bench(
     """Run the continual benchmark: driftlane against its baselines (benchmarks/continual.py)."""
     repo = Path(__file__).resolve().parents[1]
     if not (repo / "benchmarks" / "continual.py").exists():
-        _fail("the benchmark ships with the source checkout (benchmarks/continual.py), not "
+        fail("the benchmark ships with the source checkout (benchmarks/continual.py), not "
               "with the installed package; run it from a checkout")
     if config not in ("small", "gpu"):
-        _fail(f"--config must be small or gpu, got {config!r}")
+        fail(f"--config must be small or gpu, got {config!r}")
     if str(repo) not in sys.path:
         sys.path.insert(0, str(repo))
     from benchmarks.continual import main as run_benchmark

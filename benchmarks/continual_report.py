@@ -1,0 +1,197 @@
+"""The continual benchmark's report, pure: Markdown tables and PNG plots of a results dict
+(as `benchmarks.continual` writes to continual_<config>.json).
+
+Covered by tests/test_continual_bench.py (Markdown); the plots by the committed PNGs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.continual_results import STAGES, TEST_METRICS
+
+# The four figures of the report's main table, per method and per seed.
+HEADLINE = ("avg_ndcg@10", "avg_success@5", "avg_recall@10", "bwt_ndcg@10")
+
+
+# --- Markdown ------------------------------------------------------------------------------
+
+
+def format_score(value: float | None, std: float | None = None, digits: int = 4) -> str:
+    """`value` to `digits` decimals (with ` ± std` when given); "n/a" for None."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _fmt_met(met: bool | None) -> str:
+    return {True: "met", False: "not met", None: "n/a"}[met]
+
+
+def _fmt_measured(measured: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} = {'n/a' if v is None else v}" for k, v in measured.items())
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """The Markdown report of a results dict (as written to continual_<config>.json)."""
+    methods: Mapping[str, Mapping[str, Any]] = results["methods"]
+    config = results["config"]
+    env = results.get("environment", {})
+    lines = [f"# Continual benchmark, `{config['name']}` configuration", "",
+             f"Command: `{results['command']}`. Stream: {config['description']}. "
+             f"Seeds: {', '.join(str(s) for s in config['seeds'])}.", ""]
+    if env:
+        load = env.get("load_average_during_run")
+        lines += [f"Machine: {env.get('device_name', '?')}, {env.get('cpu_count', '?')} CPUs, "
+                  f"torch {env.get('torch', '?')} ({env.get('torch_threads', '?')} threads)"
+                  + (f"; load average during the run: mean {load['mean']:.1f}, max "
+                     f"{load['max']:.1f} (other work shared the machine)" if load else "")
+                  + ".", ""]
+    lines += ["Final average over the sessions' test queries after the last session (mean over "
+              "seeds ± sample std); BWT = backward transfer of nDCG@10 (negative: forgetting). "
+              "Times: cumulative wall seconds per stage over the stream, the sum of the "
+              "sessions' timings.json (embedding = the new documents + re-embedding corpus and "
+              "memory with each new model; training = sampling + fine-tuning). Prefect's "
+              "task-run records of the same runs are in the JSON (`time_s_prefect`).", ""]
+    stage_cols = [s for s in STAGES]
+    lines.append("| method | nDCG@10 | Success@5 | Recall@10 | BWT nDCG@10 | "
+                 + " | ".join(f"{s} s" for s in stage_cols) + " |")
+    lines.append("|---" * (5 + len(stage_cols)) + "|")
+    for name, m in methods.items():
+        std = m.get("std", {})
+        times = m.get("time_s")
+        cells = [format_score(m.get(k), std.get(k)) for k in HEADLINE]
+        cells += [format_score(None if times is None else times[s], digits=0) for s in stage_cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets (issue 4)", "", "| target | measured | met |", "|---|---|---|"]
+    for target in results["targets"].values():
+        lines.append(f"| {target['target']} | {_fmt_measured(target['measured'])} | "
+                     f"{_fmt_met(target['met'])} |")
+    lines += _significance_lines(results.get("significance"))
+    lines += _curve_lines(methods)
+    ours = methods.get("driftlane")
+    if ours and ours.get("matrix_ndcg@10"):
+        sessions = ours["sessions"]
+        lines += ["", "## driftlane: nDCG@10 matrix R (row: after session i; column: session j)",
+                  "", "| after \\ on | " + " | ".join(sessions) + " |",
+                  "|---" * (len(sessions) + 1) + "|"]
+        for name, row in zip(sessions, ours["matrix_ndcg@10"], strict=True):
+            lines.append(f"| {name} | " + " | ".join(format_score(v) for v in row) + " |")
+    lines += ["", "## Per seed", "", "| method | seed | nDCG@10 | Success@5 | Recall@10 | "
+              "BWT nDCG@10 | wall s | mean load during the run |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        for seed, run in m.get("seeds", {}).items():
+            load = (run.get("load_average") or {}).get("mean")
+            cells = [format_score(run.get(k)) for k in HEADLINE]
+            cells += [format_score(run.get("wall_s"), digits=0), format_score(load, digits=1)]
+            lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+    errors = results.get("errors") or {}
+    if errors:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- {key}: {message}" for key, message in errors.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _significance_lines(significance: Mapping[str, Any] | None) -> list[str]:
+    if not significance or not significance.get("by_seed"):
+        return ["", "## Paired significance tests", "",
+                (significance or {}).get("note", "Not computed.")]
+    lines = ["", "## Paired significance tests", "",
+             f"Two-sided paired Student's t-test per query (ranx `compare`, p <= "
+             f"{significance['max_p']} counts as significant) on the last session's row: every "
+             "session's test queries pooled, each query once. Pairs with driftlane; the mean is "
+             "over the pooled queries (weights sessions by their number of test queries). "
+             "W/T/L: driftlane wins / ties / losses per query.", "",
+             "| seed | queries | pair | nDCG@10 p | Success@5 p | Recall@10 p | nDCG@10 W/T/L |",
+             "|---|---|---|---|---|---|---|"]
+    for seed, tests in significance["by_seed"].items():
+        for pair, metrics in tests["pairs"].items():
+            first, second = pair.split(" vs ")
+            if "driftlane" not in (first, second):
+                continue
+            other = second if first == "driftlane" else first
+            cells = []
+            for m in TEST_METRICS:
+                p = metrics[m]["p_value"]
+                cells.append("n/a" if p is None else
+                             f"{p:.3g}" + (" *" if metrics[m]["significant"] else ""))
+            wtl = metrics["ndcg@10"]
+            wins, losses = (wtl["w"], wtl["l"]) if first == "driftlane" else (wtl["l"], wtl["w"])
+            lines.append(f"| {seed} | {tests['n_queries']} | driftlane vs {other} | "
+                         + " | ".join(cells) + f" | {wins}/{wtl['t']}/{losses} |")
+    return lines
+
+
+def _curve_lines(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    sessions = next((m["sessions"] for m in methods.values() if m.get("sessions")), None)
+    if not sessions:
+        return []
+    lines = ["", "## Average nDCG@10 over the sessions seen, after each session", "",
+             "| method | " + " | ".join(sessions) + " |", "|---" * (len(sessions) + 1) + "|"]
+    for name, m in methods.items():
+        curve = m.get("curve_ndcg@10") or [None] * len(sessions)
+        lines.append(f"| {name} | " + " | ".join(format_score(v) for v in curve) + " |")
+    return lines
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+
+def plot_results(results: Mapping[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """PNG plots: average nDCG@10 after each session per method; driftlane's R heatmap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    written: list[Path] = []
+    sessions = next((m["sessions"] for m in methods.values() if m.get("sessions")), None)
+    if sessions:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, m in methods.items():
+            curve = m.get("curve_ndcg@10")
+            if curve:
+                ax.plot(range(len(curve)), [np.nan if v is None else v for v in curve],
+                        marker="o", label=name)
+        ax.set_xticks(range(len(sessions)), sessions, rotation=20, ha="right")
+        ax.set_ylabel("average nDCG@10 over sessions seen")
+        ax.set_title(f"Continual benchmark ({results['config']['name']}): after each session")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{stem}_curve.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    ours = methods.get("driftlane", {})
+    if ours.get("matrix_ndcg@10"):
+        matrix = np.array([[np.nan if v is None else v for v in row]
+                           for row in ours["matrix_ndcg@10"]])
+        names = ours["sessions"]
+        fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2.5, 1.1 * len(names) + 1.8))
+        image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=max(np.nanmax(matrix), 1e-9))
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if np.isfinite(matrix[i, j]):
+                    ax.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center",
+                            color="white" if matrix[i, j] < 0.6 * np.nanmax(matrix) else "black",
+                            fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("evaluated session j")
+        ax.set_ylabel("after training on session i")
+        ax.set_title("driftlane: nDCG@10 R[i][j]")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        path = out_dir / f"{stem}_driftlane_matrix.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written

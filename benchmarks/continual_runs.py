@@ -1,0 +1,285 @@
+"""Running the continual benchmark's methods: the stream, a temporary Prefect, one stream
+flow per method and seed into a fresh store, its timings and load, the records `--resume`
+keeps, and reading a finished store back.
+
+Everything here touches files, Prefect or the machine; the figures computed from what it
+reads are in `benchmarks.continual_results`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from benchmarks.continual_report import format_score
+from benchmarks.continual_results import (
+    run_from_frame,
+    stage_times_from_task_runs,
+    stream_qrels,
+    summarize_run,
+    task_function_name,
+)
+
+if TYPE_CHECKING:
+    from benchmarks.continual import BenchConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_bench_stream(bench: BenchConfig, work: Path, datasets_dir: str | None) -> list[str]:
+    """The stream's session folders under work/stream, built once and reused while its
+    arguments stay the same (a different stream would clash with the stores' sessions)."""
+    from driftlane.tasks.stream_builder import build_stream
+
+    folder = work / "stream"
+    wanted = {"datasets": list(bench.datasets), "docs_per_session": bench.docs_per_session,
+              "queries_per_session": bench.queries_per_session, "seed": bench.stream_seed,
+              "datasets_dir": datasets_dir}
+    marker = work / "stream-arguments.json"
+    manifest_path = folder / "stream.json"
+    if not (manifest_path.exists() and marker.exists()
+            and json.loads(marker.read_text()) == wanted):
+        shutil.rmtree(work / "stores", ignore_errors=True)
+        build_stream(list(bench.datasets), folder, mode="domain",
+                     docs_per_session=bench.docs_per_session,
+                     queries_per_session=bench.queries_per_session, seed=bench.stream_seed,
+                     datasets_dir=datasets_dir, force=True)
+        marker.write_text(json.dumps(wanted, indent=2) + "\n")
+    manifest = json.loads(manifest_path.read_text())
+    return [str(folder / s["name"]) for s in manifest["sessions"]]
+
+
+def read_store_run(store_url: str) -> tuple[list[tuple[str, dict]], list[dict | None], Any]:
+    """(rows for continual_summary, each session's timings.json or None, the Store)."""
+    from driftlane.infra.store import Store
+
+    store = Store(store_url)
+    rows, timings = [], []
+    for manifest in store.sessions():
+        rows.append((manifest.name, store.read_json(manifest, "metrics.json")))
+        timings.append(store.read_json(manifest, "timings.json")
+                       if "timings.json" in manifest.files else None)
+    return rows, timings, store
+
+
+def last_row_qrels_and_run(store_url: str) -> tuple[dict, dict] | None:
+    """Qrels of every session's test queries and the last session's run (None without
+    runs.parquet)."""
+    from driftlane.infra.io import read_parquet
+    from driftlane.infra.store import Store
+
+    store = Store(store_url)
+    manifests = store.sessions()
+    if not manifests or "runs.parquet" not in manifests[-1].files:
+        return None
+    qrels = stream_qrels({m.name: read_parquet(store.session_url(m, "qrels.parquet"))
+                          for m in manifests})
+    runs = read_parquet(store.session_url(manifests[-1], "runs.parquet"))
+    return qrels, run_from_frame(runs, qrels)
+
+
+def prefect_stage_times(stream_run_id: Any) -> dict[str, Any]:
+    """Stage seconds of one stream run, from the task runs of its session subflows."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        sessions = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[stream_run_id])))
+        task_runs, offset = [], 0
+        while True:
+            page = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in sessions])),
+                limit=200, offset=offset)
+            task_runs += page
+            offset += len(page)
+            if len(page) < 200:
+                break
+    return stage_times_from_task_runs(
+        [(task_function_name(t.task_key), t.total_run_time.total_seconds()) for t in task_runs],
+        [r.total_run_time.total_seconds() for r in sessions])
+
+
+def run_method(stream_flow: Any, session_urls: list[str], store: Path, config: Any,
+               log_path: Path, errors: dict[str, str], key: str) -> dict[str, Any] | None:
+    """Run the stream into a fresh store; the run's summary, or None (error recorded)."""
+    shutil.rmtree(store, ignore_errors=True)
+    log_progress(f"{key}: running {len(session_urls)} sessions into {store}")
+    started = time.perf_counter()
+    try:
+        with LoadSampler(period_s=15.0) as load, _quiet(log_path):
+            state = stream_flow(session_urls, str(store), config, return_state=True)
+            state.result()  # raises the flow's exception when it failed
+            stage_times = prefect_stage_times(state.state_details.flow_run_id)
+    except Exception as exc:  # one failed method must not lose the others
+        errors[key] = f"{type(exc).__name__}: {exc}"
+        with open(log_path, "a", encoding="utf-8") as log:
+            traceback.print_exc(file=log)
+        log_progress(f"{key}: FAILED ({errors[key]}); see {log_path}")
+        return None
+    wall = time.perf_counter() - started
+    rows, timings, _ = read_store_run(str(store))
+    run = summarize_run(rows, timings, stage_times, wall)
+    run["store"] = str(store)
+    run["load_average"] = load.summary()  # other work on the machine slows a run down
+    log_progress(f"{key}: done in {wall:.0f} s: avg nDCG@10 "
+                 f"{format_score(run['avg_ndcg@10'])}, bwt {format_score(run['bwt_ndcg@10'])}")
+    return run
+
+
+def save_finished_run(work: Path, method: str, seed: int, config: Any,
+                      run: dict[str, Any]) -> None:
+    """Record a finished method/seed run (and its configuration's digest) for --resume."""
+    path = work / "runs" / f"{method}_seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config_digest": config.digest(), "run": run}, indent=2))
+
+
+def load_finished_run(work: Path, method: str, seed: int, config: Any,
+                      n_sessions: int) -> dict[str, Any] | None:
+    """The summary an earlier run saved for this method and seed, if its store is complete
+    and was made with the same configuration (--resume)."""
+    from driftlane.infra.store import Store
+
+    path = work / "runs" / f"{method}_seed{seed}.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    manifests = Store(saved["run"]["store"]).sessions()
+    if saved["config_digest"] != config.digest() or len(manifests) != n_sessions:
+        return None
+    return saved["run"]
+
+
+class LoadSampler:
+    """Samples the 1-minute load average every `period_s` in a daemon thread."""
+
+    def __init__(self, period_s: float = 30.0):
+        self.period_s = period_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> dict[str, float] | None:
+        if not self.samples:
+            return None
+        return {"mean": round(statistics.fmean(self.samples), 2),
+                "max": round(max(self.samples), 2), "samples": len(self.samples)}
+
+
+@contextlib.contextmanager
+def _quiet(log_path: Path) -> Iterator[None]:
+    """Send the run's prints and progress bars (stdout, stderr) to a log file."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        yield
+
+
+@contextlib.contextmanager
+def temporary_prefect() -> Iterator[None]:
+    """A temporary local Prefect (SQLite database in a temporary folder), heartbeats off."""
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                             PREFECT_SERVER_ANALYTICS_ENABLED: False}), \
+            prefect_test_harness(server_startup_timeout=None):
+        yield
+
+
+def set_quiet_environment() -> None:
+    """Environment defaults for a long unattended run (an explicit setting wins)."""
+    # As infra/cli.py: models from local folders only, no analytics from the temporary
+    # server, and time for its first database migration on 2 cores.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # Per-task INFO logs and progress bars of every run would bury the benchmark's own lines.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def warm_up(config: Any) -> None:
+    """Pay the one-off costs of the process before any timed run, so that the first method
+    is not charged for them: ranx's numba compilation and loading the base encoder."""
+    from driftlane.tasks.evaluation import retrieval_metrics
+    from driftlane.tasks.models import load_encoder
+
+    retrieval_metrics({"q": {"d": 1}}, {"q": {"d": 1.0, "e": 0.5}})
+    load_encoder(config.embedding.model, config.embedding.device)
+
+
+def machine_environment() -> dict[str, Any]:
+    """The machine, torch, the load at the start and the code version, for the results."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "device_name": torch.cuda.get_device_name() if cuda
+        else (platform.processor() or platform.machine()),
+        "cuda": cuda,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        **_code_version(),
+    }
+
+
+def _code_version() -> dict[str, Any]:
+    """The commit the pipeline ran from, and whether its code differed from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        changed = git("status", "--porcelain", "--", "flows", "tasks", "infra", "benchmarks/*.py")
+        return {"git_commit": git("rev-parse", "HEAD"),
+                "code_changed_since_commit": sorted(line[3:] for line in changed.splitlines())}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": None}
+
+
+def log_progress(message: str) -> None:
+    """A time-stamped progress line on the real stdout (runs redirect sys.stdout to logs)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.__stdout__, flush=True)

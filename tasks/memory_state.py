@@ -1,0 +1,144 @@
+"""The clustered memory after a session (`MemoryState`) and its files.
+
+The state is plain arrays and tables: the memory table, dense vectors, float16 token embeddings
+of the memory documents as one ragged array (every document's rows stacked, plus offsets; see
+`split_tokens`, `take_ragged`, `concat_ragged`), centroids, statistics, every document's cluster
+id, cluster prototypes and cluster sizes per session. `save_memory_state` writes it into a local
+folder (parquet, npy without pickle, JSON), `load_memory_state` reads it from any fsspec URL, and
+`plot_cluster_sizes` draws the cluster sizes across sessions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+from driftlane.infra.io import read_npy, read_parquet
+from driftlane.tasks.memory import CentroidTable
+from driftlane.tasks.prototypes import PrototypeSpec, load_prototype_spec, save_prototype_spec
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """The clustered memory after a session.
+
+    memory: n rows, `tasks.memory.MEMORY_COLUMNS`; vectors: (n, d) float32 dense vectors of the
+    memory documents; tokens: (T, d) float16 token embeddings of the memory documents, document
+    i owning rows token_offsets[i]:token_offsets[i+1]; centroids: in the cluster representation's
+    space; stats: per-cluster count/mean/std; assignments: every document seen (doc_key,
+    cluster_id, session); prototype_sums (next_cluster_id, D) float64 and prototype_counts
+    (next_cluster_id,) int64, indexed by stable id; size_history: (session, cluster_id,
+    n_documents) after every session so far.
+    """
+
+    memory: pd.DataFrame
+    vectors: np.ndarray
+    tokens: np.ndarray
+    token_offsets: np.ndarray
+    centroids: CentroidTable
+    stats: pd.DataFrame
+    assignments: pd.DataFrame
+    prototype_sums: np.ndarray
+    prototype_counts: np.ndarray
+    size_history: pd.DataFrame
+    next_cluster_id: int
+    seen: int
+    representation: str
+    budget: int
+
+
+def split_tokens(tokens: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    """Views of each document's token rows."""
+    return [tokens[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def take_ragged(tokens: np.ndarray, offsets: np.ndarray,
+                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The token rows of documents `rows` (in that order) and their new offsets."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts, ends = offsets[rows], offsets[rows + 1]
+    lengths = ends - starts
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # index of every kept token: its document's start plus its place inside the document
+    within = np.arange(new_offsets[-1], dtype=np.int64) - np.repeat(new_offsets[:-1], lengths)
+    return tokens[np.repeat(starts, lengths) + within], new_offsets
+
+
+def concat_ragged(a: tuple[np.ndarray, np.ndarray],
+                  b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    (ta, oa), (tb, ob) = a, b
+    return np.concatenate([ta, tb]), np.concatenate([oa, ob[1:] + oa[-1]]).astype(np.int64)
+
+
+# --- saving and loading (parquet, npy without pickle, JSON; any fsspec URL) ---
+
+_ARRAYS = ("vectors", "tokens", "token_offsets", "prototype_sums", "prototype_counts")
+_TABLES = ("memory", "stats", "assignments", "size_history")
+
+
+def save_memory_state(folder: Path, state: MemoryState, spec: PrototypeSpec,
+                      planes: dict[str, np.ndarray]) -> None:
+    """Write `state` and the prototype spec into a local folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _ARRAYS:
+        np.save(folder / f"{name}.npy", getattr(state, name), allow_pickle=False)
+    np.save(folder / "centroid_ids.npy", state.centroids.ids, allow_pickle=False)
+    np.save(folder / "centroids.npy", state.centroids.vectors, allow_pickle=False)
+    for name in _TABLES:
+        getattr(state, name).to_parquet(folder / f"{name}.parquet", index=False)
+    (folder / "state.json").write_text(json.dumps({
+        "format": STATE_FORMAT, "next_cluster_id": state.next_cluster_id, "seen": state.seen,
+        "representation": state.representation, "budget": state.budget,
+        "memory_size": len(state.memory), "n_clusters": len(state.centroids),
+    }, indent=2, sort_keys=True))
+    save_prototype_spec(str(folder / "prototypes"), spec, planes)
+
+
+def load_memory_state(url: str) -> tuple[MemoryState, PrototypeSpec, dict[str, np.ndarray]]:
+    """Read what `save_memory_state` wrote, from any fsspec URL."""
+    url = url.rstrip("/")
+    with fsspec.open(f"{url}/state.json", "r") as f:
+        meta = json.load(f)
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{url}: memory state format {meta.get('format')}, "
+                         f"this code reads format {STATE_FORMAT}")
+    arrays = {name: read_npy(f"{url}/{name}.npy") for name in _ARRAYS}
+    tables = {name: read_parquet(f"{url}/{name}.parquet") for name in _TABLES}
+    centroids = CentroidTable(read_npy(f"{url}/centroid_ids.npy"),
+                              read_npy(f"{url}/centroids.npy"))
+    spec, planes = load_prototype_spec(f"{url}/prototypes")
+    state = MemoryState(**arrays, **tables, centroids=centroids,
+                        next_cluster_id=int(meta["next_cluster_id"]), seen=int(meta["seen"]),
+                        representation=meta["representation"], budget=int(meta["budget"]))
+    return state, spec, planes
+
+
+def plot_cluster_sizes(size_history: pd.DataFrame, path: Path) -> None:
+    """A PNG of cluster sizes across sessions: one stacked bar per session, one colour per id."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = size_history.pivot_table(index="session", columns="cluster_id",
+                                     values="n_documents", aggfunc="sum", sort=False).fillna(0)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(table)), 4.0))
+    bottom = np.zeros(len(table))
+    cmap = plt.get_cmap("tab20")
+    for i, cluster_id in enumerate(table.columns):
+        values = table[cluster_id].to_numpy(float)
+        ax.bar(range(len(table)), values, bottom=bottom, color=cmap(i % 20), width=0.7)
+        bottom += values
+    ax.set_xticks(range(len(table)), [str(s) for s in table.index], rotation=30, ha="right")
+    ax.set_ylabel("documents")
+    ax.set_title(f"cluster sizes across sessions ({len(table.columns)} cluster ids)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
