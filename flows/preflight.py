@@ -18,6 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from driftlane.flows.cli_errors import EXIT_ENVIRONMENT, EXIT_INPUT, CommandError
 from driftlane.infra.config import SessionConfig
 from driftlane.infra.store import Store, normalize_url
+from driftlane.tasks.session_files import locate_session
 
 
 def _local_path(url: str) -> Path | None:
@@ -55,14 +56,10 @@ def check_writable_folder(path: Path, what: str) -> None:
 
 
 def check_session_folders(session_urls: list[str]) -> None:
-    """Every session is an existing folder (any fsspec URL)."""
+    """Every session is an existing folder holding a corpus (any fsspec URL); the messages
+    are the data contract's own (`SessionFormatError`)."""
     for url in session_urls:
-        fs, path = url_to_fs(normalize_url(url))
-        if not fs.exists(path):
-            raise CommandError(f"{url}: no such session folder", EXIT_INPUT)
-        if not fs.isdir(path):
-            raise CommandError(f"{url}: not a folder (a session is a folder in BEIR layout)",
-                               EXIT_INPUT)
+        locate_session(url)
 
 
 def check_store(store_url: str) -> None:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from driftlane.infra.config import ChunkingConfig
+from driftlane.infra.io import naming_path
 
 __all__ = ["EMBEDDING_ALGORITHM_VERSION", "EmbeddedTexts", "EmbeddingCache"]
 
@@ -187,9 +188,10 @@ class EmbeddingCache:
     def _write_atomic(self, path: str, write: Callable[[IO[bytes]], None]) -> None:
         temporary = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
-            with self.fs.open(temporary, "wb") as handle:
-                write(handle)
-            self.fs.mv(temporary, path)
+            with naming_path(self.fs.unstrip_protocol(path)):
+                with self.fs.open(temporary, "wb") as handle:
+                    write(handle)
+                self.fs.mv(temporary, path)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.fs.rm(temporary)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,18 @@ def read_npy(url: str) -> np.ndarray:
         return np.load(f, allow_pickle=False)
 
 
+@contextlib.contextmanager
+def naming_path(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a full disk while writing through a file
+    object, say) as the same error naming `path`, so its message says where it happened."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+
+
 def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Write a local file through `write(temporary path)`, then rename it onto `path`.
 
@@ -37,8 +50,9 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with naming_path(path):
+            write(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -32,6 +32,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from driftlane.infra.faults import crash_point
+from driftlane.infra.io import naming_path
 
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -265,8 +266,9 @@ class Store:
         try:
             for rel in files:
                 target = posixpath.join(staged, rel)
-                self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-                self.fs.put_file(str(local_dir / rel), target)
+                with naming_path(self.fs.unstrip_protocol(target)):
+                    self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                    self.fs.put_file(str(local_dir / rel), target)
                 crash_point("publish.stage.file")
             crash_point("publish.rename")
             self.fs.makedirs(self.path("sessions"), exist_ok=True)
@@ -297,9 +299,16 @@ class Store:
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self.fs.mv(tmp, path)
+        try:
+            with naming_path(self.fs.unstrip_protocol(path)):
+                with self.fs.open(tmp, "wb") as f:
+                    f.write(data)
+                self.fs.mv(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+            raise
 
 
 def _now() -> str:
