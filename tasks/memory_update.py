@@ -251,13 +251,18 @@ def _warm_up(previous: MemoryState | None, new: NewDocuments, new_space: np.ndar
                      f"{result.silhouette_by_k.get(result.k, float('nan')):.3f})")
 
     labels = result.labels
+    n_old = len(old_memory)
     if previous is not None:
         same_space = previous.representation == config.representation.value
         method = config.match_method.value if same_space else "jaccard"
         new_centroids = CentroidTable(np.arange(result.k), result.centroids)
+        # Old and new clusters are compared on the same documents, the old memory: the new
+        # session's documents would inflate the new clusters' side of the overlap, so a
+        # topic that many new documents join would lose its id.
         match = match_clusters(
             pd.Series(old_memory["cluster_id"].to_numpy(np.int64), index=old_memory["doc_key"]),
-            pd.Series(labels, index=keys), next_id, min_jaccard=config.min_jaccard,
+            pd.Series(labels[:n_old], index=keys[:n_old]), next_id,
+            min_jaccard=config.min_jaccard,
             method=method, old_centroids=previous.centroids if same_space else None,
             new_centroids=new_centroids, max_centroid_distance=config.max_centroid_distance)
         mapping, next_id = match.mapping, match.next_id
@@ -275,7 +280,6 @@ def _warm_up(previous: MemoryState | None, new: NewDocuments, new_space: np.ndar
     old_ids = set(previous.centroids.ids.tolist()) if previous is not None else set()
     opened = np.array(sorted(set(label_ids.tolist()) - old_ids), dtype=np.int64)
 
-    n_old = len(old_memory)
     candidates = pd.concat([
         old_memory.assign(cluster_id=stable[:n_old], distance=distances[:n_old]),
         memory_rows(new.doc_keys, stable[n_old:], distances[n_old:], session,

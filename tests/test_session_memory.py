@@ -164,3 +164,22 @@ def test_save_and_load_round_trip(tmp_path):
     assert (loaded.next_cluster_id, loaded.seen) == (state.next_cluster_id, state.seen)
     plot_cluster_sizes(state.size_history, tmp_path / "sizes.png")
     assert (tmp_path / "sizes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recluster_with_many_new_documents_in_one_topic_keeps_its_id():
+    """Old and new clusters are matched on the same documents (the old memory): new
+    documents joining a topic must not dilute its overlap and cost it its id."""
+    first = update_memory(None, documents("s0", [0, 1, 2], 20, seed=1), config(budget=200),
+                          SPEC, PLANES, "s0").state
+    ids_before = first.assignments.set_index("doc_key")["cluster_id"]
+    new = documents("s1", [0], 100, seed=3)  # five times the topic's old members
+    # k fixed at 3: this test is about the matching, not the choice of k
+    update = update_memory(first, new, config(budget=400, recluster=True, k_min=3, k_max=3),
+                           SPEC, PLANES, "s1")
+    after = update.state.assignments.set_index("doc_key")["cluster_id"]
+    assert any("warm-up chose k=3" in n for n in update.notes)
+    # every old document keeps its cluster id, and the new ones join topic 0's id
+    assert (after.loc[ids_before.index] == ids_before).all()
+    topic0 = ids_before.loc["s0/0"]
+    assert (after[after.index.str.startswith("s1/")] == topic0).all()
+    assert update.state.next_cluster_id == first.next_cluster_id  # no fresh id issued
