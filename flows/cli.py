@@ -96,6 +96,15 @@ def _run_flows(session_urls: list[str], store: str, config_path: Path | None) ->
     return summaries
 
 
+def _print_gain(gain: dict) -> None:
+    """What the session's fine-tuning bought, averaged over the sessions evaluated."""
+    parts = [f"{metric} {gain['average_before'][metric]:.4f} -> "
+             f"{gain['average_after'][metric]:.4f} ({delta:+.4f})"
+             for metric, delta in gain["gain"].items() if metric in ("ndcg@10", "success@5")]
+    typer.echo("  training bought (starting model -> trained, average over "
+               f"{len(gain['sessions'])} session(s)): " + ", ".join(parts))
+
+
 def _print_metrics(metrics: dict[str, dict[str, float]]) -> None:
     names = ["ndcg@10", "success@5", "recall@10", "recall@100"]
     typer.echo(f"  {'evaluated session':<28}" + "".join(f"{n:>12}" for n in names))
@@ -131,6 +140,8 @@ def run_stream(
 
 def store_summary(store: Store) -> dict:
     """What `show` reports: one entry per published session."""
+    from driftlane.tasks.evaluation import TRAINING_GAIN, continual_summary
+
     sessions = []
     for m in store.sessions():
         sessions.append({
@@ -141,9 +152,11 @@ def store_summary(store: Store) -> dict:
             "memory_size": m.summary.get("memory_size"),
             "memory_budget": m.summary.get("memory_budget"),
             "metrics": store.read_json(m, "metrics.json"),
+            # the starting model's scores on the same sessions, and the gain (sessions that
+            # fine-tuned a new model)
+            "training_gain": (store.read_json(m, TRAINING_GAIN) if TRAINING_GAIN in m.files
+                              else None),
         })
-    from driftlane.tasks.evaluation import continual_summary
-
     stream = continual_summary([(s["name"], s["metrics"]) for s in sessions])
     return {"store": store.url, "sessions": sessions, "stream": stream}
 
@@ -170,6 +183,8 @@ def show(
                        f"{s['memory_budget']} documents")
         if s["metrics"]:
             _print_metrics(s["metrics"])
+        if s["training_gain"] and s["training_gain"]["gain"]:
+            _print_gain(s["training_gain"])
     _print_matrix(summary["stream"])
 
 
@@ -295,6 +310,10 @@ def bench(
     argv += ["--work", str(work)] if work else []
     argv += ["--resume"] if resume else []
     run_benchmark(argv)
+
+
+# Commands defined in their own modules register themselves on `app` when imported.
+from driftlane.flows import cli_model, cli_store  # noqa: E402,F401
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -46,10 +46,26 @@ def session_flow(session_url: str, store_url: str,
                  config: SessionConfig = SessionConfig()) -> dict:  # noqa: B008
     """Run the next session of a store from a BEIR session folder."""
     session_url, store_url = normalize_url(session_url), normalize_url(store_url)
+    _tag_this_run(session_tags(session_url, store_url))
     # One writer per store, from planning to publishing (a retry takes it again).
     label = f"flow run {flow_run.id} ({flow_run.name}): session {session_url}"
     with store_writer(store_url, label, config.lock), shard_runner(config.runner):
         return _run_session(session_url, store_url, config)
+
+
+def _tag_this_run(wanted: list[str]) -> None:
+    """Give this flow run the store and session tags when whoever started it did not (a
+    `prefect deployment run`, the UI's Run button), so the UI filters every run alike."""
+    missing = [t for t in wanted if t not in set(flow_run.tags)]
+    if not missing or not flow_run.id:
+        return
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=[*flow_run.tags, *missing])
+    except Exception as exc:  # noqa: BLE001 - tags are a convenience, never a failure
+        get_run_logger().warning("could not tag this run with %s: %s", missing, exc)
 
 
 def _run_session(session_url: str, store_url: str, config: SessionConfig) -> dict:
@@ -107,6 +123,7 @@ def _run_session(session_url: str, store_url: str, config: SessionConfig) -> dic
                         vectors_url=embedded.vectors_path, model_version=start.version,
                         queries_url=ingested.queries_path, qrels_url=ingested.qrels_path)
     known = None
+    clustered = memory  # what the clustering stage computed (its cost is reported below)
     if memory is not None and final.version != start.version:
         memory = reembed_memory.with_options(result_storage=results)(
             plan.name, memory, docs_urls, embedding.model_copy(update={"model": final.path}),
@@ -123,9 +140,27 @@ def _run_session(session_url: str, store_url: str, config: SessionConfig) -> dic
         plan.name, index, sources, final_embedding, config.evaluation, final.version,
         store.cache_url, scratch)
 
-    timings = stage_timings(embedded, memory, sampled, trained, reembedded, index, evaluation)
+    # What training bought: the starting model on the same sessions. Its vectors exist
+    # already (the new documents were embedded with it, earlier ones are in the cache), so
+    # this costs an index and a query pass, not a corpus pass.
+    before = None
+    if final.version != start.version:
+        start_sources = reembed_sources.with_options(result_storage=results)(
+            plan.name, [*plan.previous, new_source], embedding.model_copy(
+                update={"keep_token_embeddings": False}), start.version, store.cache_url,
+            scratch)
+        start_index = build_index.with_options(result_storage=results)(
+            plan.name, start_sources.sources, config.index, scratch)
+        before = evaluate_sessions.with_options(result_storage=results)(
+            plan.name, start_index, start_sources.sources, embedding.model_copy(
+                update={"keep_token_embeddings": False}), config.evaluation, start.version,
+            store.cache_url, scratch)
+
+    timings = stage_timings(embedded, clustered, memory if memory is not clustered else None,
+                            sampled, trained, reembedded, index, evaluation, before)
     report = report_session(plan.name, plan.previous, evaluation,
-                            memory.cluster_report_path if memory else None, timings, scratch)
+                            memory.cluster_report_path if memory else None, timings, scratch,
+                            before)
     extra = {**report.files, **training_files(sampled, trained)}
     manifest = publish_session(plan, ingested, sources[-1].vectors_url, index, evaluation,
                                config, final.version, memory, extra)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from fsspec.implementations.local import LocalFileSystem
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from driftlane.infra.io import write_atomically
 from driftlane.infra.store import Store
@@ -36,13 +36,23 @@ class StageResult(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    timing_fields: ClassVar[frozenset[str]] = frozenset({"seconds"})
+    timing_fields: ClassVar[frozenset[str]] = frozenset({"seconds", "attempt"})
 
     seconds: float = 0.0
+    # "<flow run id>#<attempt>" that computed it: a retry's report counts only its own work
+    attempt: str = Field(default_factory=lambda: current_attempt())
 
     def cache_identity(self) -> dict[str, Any]:
         """The fields that say what the result is, without what it cost."""
         return self.model_dump(mode="json", exclude=set(self.timing_fields))
+
+
+def current_attempt() -> str:
+    """'<flow run id>#<run count>' of the running flow, '' outside a flow run."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    return f"{run_id}#{flow_run.run_count}" if run_id else ""
 
 
 def _jsonable(value: Any) -> Any:

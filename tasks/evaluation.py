@@ -25,10 +25,10 @@ from driftlane.infra.embedding_cache import EmbeddingCache
 from driftlane.infra.faults import crash_point
 from driftlane.infra.io import read_parquet
 from driftlane.infra.progress import artifact_key
-from driftlane.tasks.embedding_stage import embed_stage
-from driftlane.tasks.indexing import search
+from driftlane.tasks.search import augment_database, encode_queries, search_queries
 from driftlane.tasks.stage_results import BuiltIndex, SessionEvaluation, SessionReport, Source
 
+TRAINING_GAIN = "training_gain.json"
 EVALUATION_VERSION = "3"  # 3: typed stage results
 
 # Our metric name -> ranx metric name.
@@ -103,6 +103,27 @@ def continual_summary(rows: Sequence[tuple[str, dict[str, dict[str, float]]]],
     return out
 
 
+def training_gain(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                  metrics: Sequence[str] = tuple(METRICS)) -> dict:
+    """What a session's fine-tuning bought: the starting model's scores and the trained
+    model's on the same sessions (the new one and every earlier one), their averages and the
+    gain (after - before) per metric. JSON-ready.
+    """
+    common = [name for name in after if name in before]
+    out: dict = {"sessions": common, "before": {n: before[n] for n in common},
+                 "after": {n: after[n] for n in common}, "average_before": {},
+                 "average_after": {}, "gain": {}}
+    for metric in metrics:
+        pairs = [(before[n][metric], after[n][metric]) for n in common
+                 if metric in before[n] and metric in after[n]]
+        if not pairs:
+            continue
+        b, a = (float(np.mean(v)) for v in zip(*pairs, strict=True))
+        out["average_before"][metric], out["average_after"][metric] = b, a
+        out["gain"][metric] = a - b
+    return out
+
+
 def qrels_dict(qrels: pd.DataFrame, session: str, split: str) -> dict[str, dict[str, int]]:
     """{query id: {global doc key: score}} for one split of a session's qrels table."""
     rows = qrels[qrels["split"] == split]
@@ -126,7 +147,8 @@ def evaluate_sessions(session_name: str, index: BuiltIndex, sessions: list[Sourc
     started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("evaluate", EVALUATION_VERSION, scratch_dir)
-    faiss_index = faiss.read_index(index.index_path)
+    faiss_index = augment_database(faiss.read_index(index.index_path),
+                                   evaluation.database_augmentation)
     ids = pd.read_parquet(index.ids_path)
     doc_keys = [global_doc_key(s, d) for s, d in zip(ids["session"], ids["doc_id"], strict=True)]
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking)
@@ -141,9 +163,10 @@ def evaluate_sessions(session_name: str, index: BuiltIndex, sessions: list[Sourc
             continue
         queries = read_parquet(src.queries_url)
         queries = queries[queries["query_id"].isin(qrels)]
-        embedded, _ = embed_stage(f"queries {src.session}", list(queries["text"]),
-                                  embedding, cache)
-        scores, rows = search(faiss_index, embedded.vectors, evaluation.top_k)
+        vectors = encode_queries(list(queries["text"]), embedding, cache,
+                                 label=f"queries {src.session}")
+        scores, rows = search_queries(faiss_index, vectors, evaluation.top_k,
+                                      evaluation.query_expansion)
         run = ranking_from_search(list(queries["query_id"]), scores, rows, doc_keys)
         metrics[src.session] = {**retrieval_metrics(qrels, run), "n_queries": len(queries)}
         rankings.append(ranking_rows(src.session, run))
@@ -198,8 +221,9 @@ def plot_matrix(summary: dict, metric: str, path: Path) -> None:
 
 
 def report_markdown(session_name: str, summary: dict, cluster: dict | None,
-                    timings: dict[str, float]) -> str:
-    """The per-session report: metrics matrix, average and BWT, cluster report, timings."""
+                    timings: dict[str, float], gain: dict | None = None) -> str:
+    """The per-session report: metrics matrix, average and BWT, what training bought,
+    cluster report, timings."""
     names = summary["sessions"]
     lines = [f"# driftlane session {session_name}", "", "## nDCG@10 matrix (row: after session)",
              "", "| after \\ on | " + " | ".join(names) + " |",
@@ -212,6 +236,12 @@ def report_markdown(session_name: str, summary: dict, cluster: dict | None,
         avg, bwt = summary["avg"][metric], summary["bwt"][metric]
         lines.append(f"| {metric} | {'' if avg is None else f'{avg:.4f}'} | "
                      f"{'' if bwt is None else f'{bwt:+.4f}'} |")
+    if gain is not None and gain["gain"]:
+        lines += ["", "## What training bought (starting model -> trained model, same "
+                  "sessions)", "", "| metric | before | after | gain |", "|---|---|---|---|"]
+        for metric, delta in gain["gain"].items():
+            lines.append(f"| {metric} | {gain['average_before'][metric]:.4f} | "
+                         f"{gain['average_after'][metric]:.4f} | {delta:+.4f} |")
     if cluster is not None:
         lines += ["", "## Clusters", ""]
         for key in ("n_clusters", "n_new_clusters", "evictions", "memory_size",
@@ -225,8 +255,10 @@ def report_markdown(session_name: str, summary: dict, cluster: dict | None,
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="report {session_name}")
 def report_session(session_name: str, previous: list[Source], evaluation: SessionEvaluation,
                    cluster_report_path: str | None, timings: dict[str, float],
-                   scratch_dir: str) -> SessionReport:
-    """Matrix R over the stream so far, its heatmap, timings and a Markdown report artifact."""
+                   scratch_dir: str,
+                   before: SessionEvaluation | None = None) -> SessionReport:
+    """Matrix R over the stream so far, its heatmap, what training bought (`before`: the
+    starting model's evaluation), timings and a Markdown report artifact."""
     out = Path(scratch_dir) / "report" / session_name
     out.mkdir(parents=True, exist_ok=True)
     rows = [(src.session, _read_json(src.metrics_url)) for src in previous]
@@ -236,13 +268,17 @@ def report_session(session_name: str, previous: list[Source], evaluation: Sessio
     plot_matrix(summary, "ndcg@10", out / "matrix_ndcg10.png")
     cluster = (json.loads(Path(cluster_report_path).read_text())
                if cluster_report_path else None)
-    markdown = report_markdown(session_name, summary, cluster, timings)
+    names = ["matrix.json", "timings.json", "matrix_ndcg10.png", "report.md"]
+    gain = None
+    if before is not None:
+        gain = training_gain(before.metrics, evaluation.metrics)
+        (out / TRAINING_GAIN).write_text(json.dumps(gain, indent=2, sort_keys=True))
+        names.append(TRAINING_GAIN)
+    markdown = report_markdown(session_name, summary, cluster, timings, gain)
     (out / "report.md").write_text(markdown)
     create_markdown_artifact(markdown=markdown, key=artifact_key(f"report {session_name}"),
                              description=f"driftlane report after session {session_name}")
-    return SessionReport(files={name: str(out / name) for name in
-                                ("matrix.json", "timings.json", "matrix_ndcg10.png",
-                                 "report.md")},
+    return SessionReport(files={name: str(out / name) for name in names},
                          summary=summary)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from driftlane.infra.caching import StageResult, scratch_for
+from driftlane.infra.caching import StageResult, current_attempt, scratch_for
 from driftlane.infra.config import SessionConfig
 from driftlane.infra.store import SessionManifest, Store
 from driftlane.infra.writer import held_store_lock
@@ -92,23 +92,32 @@ def previous_training(store: Store, manifests: list[SessionManifest]) -> Previou
 
 
 def stage_timings(embedded: EmbeddedSession, memory: StoredMemory | None,
+                  reembedded_memory: StoredMemory | None,
                   sampled: SampledTraining | None, trained: TrainedModel | None,
                   reembedded: ReembeddedSources, index: BuiltIndex,
-                  evaluation: SessionEvaluation) -> dict[str, float]:
-    """Wall seconds per stage of this run (a cached stage counts what it cost when it ran).
+                  evaluation: SessionEvaluation,
+                  before: SessionEvaluation | None = None) -> dict[str, float]:
+    """Wall seconds per stage of this attempt: a stage whose result came from the cache
+    (computed by an earlier run, or an earlier attempt of this one that failed later) counts 0,
+    so a retried run reports what the attempt that published did.
 
     embedding: the new documents, then re-embedding corpus and memory after fine-tuning.
+    evaluation: the trained model's, plus the starting model's (`before`) when it changed.
     """
-    def seconds(result: StageResult | None) -> float:
-        return result.seconds if result is not None else 0.0
+    attempt = current_attempt()
+
+    def seconds(result: StageResult | None, field: str = "seconds") -> float:
+        if result is None or result.attempt != attempt:
+            return 0.0
+        return float(getattr(result, field))
 
     timings = {
         "embedding": (seconds(embedded) + seconds(reembedded)
-                      + (memory.reembed_seconds if memory is not None else 0.0)),
+                      + seconds(reembedded_memory, "reembed_seconds")),
         "clustering": seconds(memory),
         "training": seconds(sampled) + seconds(trained),
         "indexing": seconds(index),
-        "evaluation": seconds(evaluation),
+        "evaluation": seconds(evaluation) + seconds(before),
     }
     timings["total"] = sum(timings.values())
     return timings
@@ -162,7 +171,8 @@ def plan_session(session_url: str, store_url: str, scratch_base: str | None,
     if validate_session(session_url, max_document_chars) != digest:
         raise SessionFormatError(session_url, None, "session folder changed while it was "
                                  "being read (content digest differs); run it once complete")
-    # refuse to build on a damaged earlier session before any work (sizes only: cheap)
+    # refuse to build on a damaged earlier session before any work (sizes, and digests
+    # read once per file and machine, then remembered locally: cheap)
     manifests = store.check_published() if store.exists() else []
     return SessionPlan(name=name, digest=digest, store_url=store.url, status="new",
                        index=len(manifests), previous=published_sources(store, manifests),

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from driftlane.infra.caching import cache_key_for, stage_output_dir
+from driftlane.infra.caching import cache_key_for, current_attempt, stage_output_dir
 from driftlane.infra.config import EmbeddingConfig, MemoryConfig, PrototypeConfig
 from driftlane.infra.embedding_cache import EmbeddingCache
 from driftlane.infra.faults import crash_point
@@ -35,7 +35,7 @@ from driftlane.tasks.stage_results import (
 )
 from driftlane.tasks.texts import doc_texts_of
 
-MEMORY_VERSION = "2"  # 2: typed stage results
+MEMORY_VERSION = "3"  # 3: re-cluster ids matched on the old memory only
 
 
 def prototype_spec_for(config: PrototypeConfig, dim: int) -> PrototypeSpec:
@@ -125,5 +125,5 @@ def reembed_memory(session_name: str, memory: StoredMemory, docs_urls: dict[str,
                                 for p in sorted(state_dir.rglob("*")) if p.is_file()}}
     get_run_logger().info("re-embedded %d memory documents with model %s", len(keys),
                           model_version)
-    return memory.model_copy(update={"files": files,
+    return memory.model_copy(update={"files": files, "attempt": current_attempt(),
                                      "reembed_seconds": time.perf_counter() - started})

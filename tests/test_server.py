@@ -338,6 +338,8 @@ def test_retry_from_the_ui_resumes_from_the_failed_stage(served, landed):
         retried = wait_final(run.id, served, after=retry.state.timestamp)
         assert retried.state.is_completed(), f"{retried.state}\n{tail(served.logs[1])}"
         assert retried.run_count == 2
+        # started from the deployment without tags, the run tagged itself like CLI runs
+        assert "session:b_full" in retried.tags and f"store:{retried_store}" in retried.tags
 
         second = task_states_by_attempt(run.id, {2: (FAIL_STAGE, "publish")})[2]
         assert {name: second.get(name) for name in before_failure} == \

@@ -131,6 +131,9 @@ def test_retry_after_a_failed_publish_is_all_cache_hits(tmp_path, sessions, monk
     states = task_states(retried)
     assert {s: states[s] for s in CACHED_STAGES} == dict.fromkeys(CACHED_STAGES, "Cached")
     assert states["publish"] == "Completed"
+    # the report times the run that published: every stage came from the cache
+    timings = retried.result()["timings"]
+    assert timings["embedding"] == timings["indexing"] == timings["evaluation"] == 0.0
 
     # the store ends as an uninterrupted run into a fresh store leaves it
     clean_dir = tmp_path / "clean-store"

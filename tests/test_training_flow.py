@@ -85,3 +85,24 @@ def test_training_is_reproducible(trained_store, stream, tmp_path):
     _, results = trained_store
     again = session_flow(str(stream[0]), str(tmp_path / "again"), CONFIG)
     assert again["model_version"] == results[0]["model_version"]
+
+
+def test_each_session_reports_what_training_bought(trained_store, stream, tmp_path):
+    """`training_gain.json` holds the starting model's scores on the same sessions: for the
+    first session the starting model is the base model, so its 'before' scores are exactly a
+    zero-shot run's; for the second, the first session's trained model."""
+    store_dir, results = trained_store
+    store = Store(str(store_dir))
+    first, second = store.sessions()
+    gain = store.read_json(first, "training_gain.json")
+    zero_shot = session_flow(str(stream[0]), str(tmp_path / "zero"), CONFIG.model_copy(
+        update={"finetune": CONFIG.finetune.model_copy(update={"enabled": False})}))
+    assert gain["before"] == zero_shot["metrics"]
+    assert gain["after"] == results[0]["metrics"]
+    assert gain["gain"]["ndcg@10"] == pytest.approx(
+        gain["average_after"]["ndcg@10"] - gain["average_before"]["ndcg@10"])
+    later = store.read_json(second, "training_gain.json")
+    assert set(later["sessions"]) == {first.name, second.name}
+    assert later["after"] == results[1]["metrics"]
+    text = CliRunner().invoke(app, ["show", "--store", str(store_dir)]).output
+    assert "training bought" in text
