@@ -8,9 +8,14 @@ normalized member means, and the rest of the pipeline (`tasks.memory`) measures 
 distance to a cluster as the cosine distance `1 - x . c`.
 
 Choosing k. BisectingKMeans (Steinbach, Karypis & Kumar 2000, "A comparison of document
-clustering techniques") is fitted once per k in [k_min, k_max], and the k with the highest mean
-silhouette (Rousseeuw 1987) wins; ties go to the smaller k. The silhouette is O(n^2), so it is
-computed on one seeded sample of rows, the same rows for every k, so the scores are comparable.
+clustering techniques") splits, one cluster at a time, the cluster of highest inertia in two, so
+a single run to k_max passes through every k on its way down: the partition after k - 1 splits
+is exactly what a run asked for k clusters returns (same seed, same random draws in the same
+order). `bisecting_partitions` fits once and replays the splits in the order the greedy rule
+made them, giving the labels for every k in [k_min, k_max] (checked against one fit per k in
+`tests/test_warmup.py`). The k with the highest mean silhouette (Rousseeuw 1987) wins; ties go
+to the smaller k. The silhouette is O(n^2), so it is computed on one seeded sample of rows, the
+same rows for every k, so the scores are comparable.
 
 Degenerate inputs (fewer than 2 rows, all rows identical, fewer distinct rows than k_min) do not
 raise: they come back as a single cluster (k = 1) with a `reason` the caller logs.
@@ -99,6 +104,49 @@ def _single_cluster(unit: np.ndarray, reason: str) -> WarmupResult:
                         silhouette_by_k={}, reason=reason)
 
 
+def bisecting_partitions(unit: np.ndarray, k_low: int, k_high: int, seed: int,
+                         n_init: int = 1) -> dict[int, np.ndarray]:
+    """{k: labels (n,) int64} for every k in [k_low, k_high], from one BisectingKMeans fit.
+
+    Fits to k_high, then replays the bisections in the order the greedy rule made them (the
+    leaf of highest score, the first one in depth-first order on ties, as scikit-learn picks
+    it) and numbers each partition's clusters in depth-first leaf order, as a fit to that k
+    does. Where the fitted model does not expose its tree (another scikit-learn), it falls
+    back to one fit per k, with the same result.
+    """
+    n = unit.shape[0]
+    model = BisectingKMeans(n_clusters=k_high, random_state=seed, n_init=n_init).fit(unit)
+    root = getattr(model, "_bisecting_tree", None)
+    if root is None or not hasattr(root, "left"):  # pragma: no cover - other sklearn versions
+        return {k: BisectingKMeans(n_clusters=k, random_state=seed, n_init=n_init)
+                .fit_predict(unit).astype(np.int64) for k in range(k_low, k_high + 1)}
+
+    # the fit keeps each leaf's label and drops its rows: rows of a node are its leaves' rows
+    leaf_rows = np.split(np.argsort(model.labels_, kind="stable"),
+                         np.cumsum(np.bincount(model.labels_, minlength=k_high))[:-1])
+
+    def members(node) -> np.ndarray:
+        if node.left is None:
+            return leaf_rows[node.label]
+        return np.concatenate([members(node.left), members(node.right)])
+
+    partitions: dict[int, np.ndarray] = {}
+    frontier = [root]  # the leaves of the tree after len(frontier) - 1 splits, depth-first
+    for k in range(1, k_high + 1):
+        if k >= k_low:
+            labels = np.empty(n, dtype=np.int64)
+            for label, node in enumerate(frontier):
+                labels[members(node)] = label
+            partitions[k] = labels
+        if k == k_high:
+            break
+        scores = [node.score for node in frontier]
+        chosen = scores.index(max(scores))  # the first leaf of highest score
+        node = frontier[chosen]
+        frontier[chosen:chosen + 1] = [node.left, node.right]
+    return partitions
+
+
 def choose_k_and_cluster(
     vectors: np.ndarray,
     k_min: int = 2,
@@ -108,6 +156,8 @@ def choose_k_and_cluster(
     n_init: int = 1,
 ) -> WarmupResult:
     """Cluster `vectors` (n, d) with BisectingKMeans for each k in [k_min, k_max]; keep the best.
+
+    One bisecting run gives every k (`bisecting_partitions`).
 
     The best k has the highest silhouette on a seeded sample of `sample_size` rows (Euclidean on
     L2-normalized rows, i.e. monotone in cosine distance; see the module docstring). k_max is
@@ -140,9 +190,8 @@ def choose_k_and_cluster(
     sample_distances = unit_euclidean_distances(unit[sample])  # once, reused for every k
     best: tuple[float, int, np.ndarray] | None = None
     silhouette_by_k: dict[int, float] = {}
-    for k in range(k_low, k_high + 1):  # one fit per k, not per document
-        model = BisectingKMeans(n_clusters=k, random_state=seed, n_init=n_init)
-        labels = model.fit_predict(unit).astype(np.int64)
+    partitions = bisecting_partitions(unit, k_low, k_high, seed, n_init)  # one fit for all k
+    for k, labels in partitions.items():
         sample_labels = labels[sample]
         if np.unique(sample_labels).size < 2 or np.unique(sample_labels).size >= len(sample):
             score = -1.0  # undefined on this sample; never preferred over a defined score

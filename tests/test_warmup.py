@@ -117,3 +117,23 @@ def test_bad_arguments_are_rejected():
         choose_k_and_cluster(x, k_min=5, k_max=3)
     with pytest.raises(ValueError):
         choose_k_and_cluster(x, sample_size=1)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_one_bisecting_run_gives_what_one_fit_per_k_gives(seed):
+    """The replayed partitions equal a BisectingKMeans fit to each k, label for label."""
+    from sklearn.cluster import BisectingKMeans
+
+    from driftlane.tasks.warmup import bisecting_partitions
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(7, 12))
+    sizes = rng.integers(20, 120, size=7)
+    vectors = np.concatenate([c + 0.3 * rng.normal(size=(s, 12))
+                              for c, s in zip(centres, sizes, strict=True)])
+    unit = unit_rows(vectors)
+    partitions = bisecting_partitions(unit, 2, 9, seed)
+    assert sorted(partitions) == list(range(2, 10))
+    for k, labels in partitions.items():
+        direct = BisectingKMeans(n_clusters=k, random_state=seed).fit_predict(unit)
+        np.testing.assert_array_equal(labels, direct, err_msg=f"k={k}")
