@@ -19,13 +19,14 @@ class _RunAwareLogger:
 
     def _target(self) -> logging.Logger | logging.LoggerAdapter:
         # imported here: the CLI imports this module long before (or without) running a flow
-        from prefect.exceptions import MissingContextError
+        from prefect.context import FlowRunContext, TaskRunContext
         from prefect.logging import get_run_logger
 
-        try:
-            return get_run_logger()
-        except MissingContextError:
-            return self._module
+        task_run = TaskRunContext.get()
+        if task_run is not None:
+            # a task called outside any flow has no run log to write to
+            return get_run_logger() if task_run.task_run.flow_run_id else self._module
+        return get_run_logger() if FlowRunContext.get() is not None else self._module
 
     def __getattr__(self, attribute: str) -> Any:
         return getattr(self._target(), attribute)

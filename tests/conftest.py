@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# unit tests call tasks outside any flow; Prefect warns that their logs have no run to go to
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("DRIFTLANE_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
