@@ -63,7 +63,8 @@ def check_session_folders(session_urls: list[str]) -> None:
 
 
 def check_store(store_url: str) -> None:
-    """The store can be written, and what it holds is whole (file sizes against manifests)."""
+    """The store can be written, and what it holds is whole (file sizes and sha256 against
+    manifests; each digest is read once per machine, `infra.integrity`)."""
     local = _local_path(store_url)
     if local is not None:
         check_writable_folder(local, "store")

@@ -19,7 +19,6 @@ copy, which is why the manifest, not the folder, marks a session complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import posixpath
@@ -32,10 +31,13 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from driftlane.infra.faults import crash_point
+from driftlane.infra.integrity import DigestCache, stream_sha256
 from driftlane.infra.io import naming_path
 
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
+# Beside a manifest, never in it: the published files `driftlane gc` removed on purpose.
+GC_RECORD = "gc.json"
 
 
 class StoreError(RuntimeError):
@@ -86,11 +88,8 @@ class SessionManifest:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return stream_sha256(f)
 
 
 class Store:
@@ -166,34 +165,69 @@ class Store:
             manifests.append(manifest)
         return sorted(manifests, key=lambda m: m.index)
 
-    def damaged_files(self, manifests: list[SessionManifest]) -> list[str]:
+    def damaged_files(self, manifests: list[SessionManifest],
+                      digests: DigestCache | None = None) -> list[str]:
         """One line per published file that is missing or whose size differs from its
-        manifest's record: a cheap check (one listing per folder), no file is read."""
+        manifest's record (one listing per folder, no file read) or, given `digests`, whose
+        sha256 differs (each file read once, then remembered locally: `infra.integrity`).
+        Files `driftlane gc` removed on purpose (`gc.json`) are left out."""
         problems = []
         for m in manifests:
             folder = self.path("sessions", m.folder)
             try:
-                found = {posixpath.relpath(info["name"], folder): info.get("size")
+                found = {posixpath.relpath(info["name"], folder): info
                          for info in self.fs.find(folder, detail=True).values()}
             except FileNotFoundError:
                 found = {}
+            removed = self.removed_files(m) if GC_RECORD in found else set()
             for rel, record in sorted(m.files.items()):
+                if rel in removed:
+                    continue
                 url = self.url_of("sessions", m.folder, rel)
+                size = found[rel].get("size") if rel in found else None
                 if rel not in found:
                     problems.append(f"{url}: missing (the manifest lists it)")
-                elif record.get("bytes") is not None and found[rel] != record["bytes"]:
-                    problems.append(f"{url}: {found[rel]} bytes, the manifest records "
+                elif record.get("bytes") is not None and size != record["bytes"]:
+                    problems.append(f"{url}: {size} bytes, the manifest records "
                                     f"{record['bytes']} (truncated or changed)")
+                elif digests is not None and record.get("sha256") is not None:
+                    try:
+                        changed = digests.sha256(self.fs, found[rel]) != record["sha256"]
+                    except FileNotFoundError:
+                        problems.append(f"{url}: missing (the manifest lists it)")
+                        continue
+                    if changed:
+                        problems.append(f"{url}: sha256 differs from the manifest's record "
+                                        "(changed in place, same size)")
         return problems
 
-    def check_published(self) -> list[SessionManifest]:
-        """The published sessions, after checking every file's size against its manifest.
+    def _removals(self, manifest: SessionManifest) -> list[dict[str, Any]]:
+        try:
+            record = self.read_json(manifest, GC_RECORD)
+        except FileNotFoundError:
+            return []
+        return list(record.get("removed", [])) if isinstance(record, dict) else []
+
+    def removed_files(self, manifest: SessionManifest) -> set[str]:
+        """The session's files that `driftlane gc` removed, from its `gc.json`."""
+        return {rel for entry in self._removals(manifest) for rel in entry.get("files", [])}
+
+    def record_removed(self, manifest: SessionManifest, files: list[str], why: str) -> None:
+        """Add `files` to the session's `gc.json` (written atomically, before they go)."""
+        removed = [*self._removals(manifest), {"at": _now(), "why": why, "files": files}]
+        self._write_atomic(self.path("sessions", manifest.folder, GC_RECORD),
+                           json.dumps({"removed": removed}, indent=2).encode())
+
+    def check_published(self, digests: bool = True) -> list[SessionManifest]:
+        """The published sessions, after checking every file's size and (`digests`) sha256
+        against its manifest; a digest is read once per file and machine, then remembered.
 
         Raises DamagedStore naming the first damaged file (and how many there are), so a run
         refuses to build on a damaged earlier session before it starts working.
         """
         manifests = self.sessions()
-        problems = self.damaged_files(manifests)
+        with DigestCache.local() if digests else contextlib.nullcontext() as cache:
+            problems = self.damaged_files(manifests, cache)
         if problems:
             more = f" (and {len(problems) - 1} more; `driftlane verify` lists them)" \
                 if len(problems) > 1 else ""

@@ -56,6 +56,9 @@ def ranking_from_search(query_ids: Sequence[str], scores: np.ndarray, rows: np.n
 def retrieval_metrics(qrels: dict[str, dict[str, int]],
                       run: dict[str, dict[str, float]]) -> dict[str, float]:
     """Mean metrics over the judged queries (those in `qrels`) with ranx."""
+    from driftlane.infra.numba_cache import cache_compiled_kernels
+
+    cache_compiled_kernels()  # before ranx's import: its compiled code is kept across processes
     from ranx import Qrels, Run, evaluate  # slow import (numba); only when evaluating
 
     judged = {q: docs for q, docs in qrels.items() if any(s > 0 for s in docs.values())}
