@@ -110,11 +110,27 @@ class IndexConfig(_Section):
     nprobe: int = Field(default=32, ge=1, le=65_536, description="IVF lists searched.")
 
 
+class NeighbourAveraging(_Section):
+    """A vector replaced by the L2-normalized weighted mean of itself (weight 1) and its `n`
+    nearest documents (weights similarity^alpha): alpha-query expansion on queries,
+    database-side augmentation on documents (Faiss tips; Radenovic et al., TPAMI 2018)."""
+
+    n: int = Field(default=0, ge=0, le=1000, description="Neighbours averaged in; 0: off.")
+    alpha: float = Field(default=3.0, ge=0.0, le=100.0,
+                         description="A neighbour weighs its similarity ** alpha.")
+
+
 class EvaluationConfig(_Section):
     """Zero-shot evaluation of every session seen so far."""
 
     top_k: int = Field(default=100, ge=10, le=10000, description="Documents retrieved per query.")
     split: str = Field(default="test", pattern="^(test|train)$", description="Which qrels to use.")
+    query_expansion: NeighbourAveraging = Field(
+        default=NeighbourAveraging(), description="alpha-QE: each query averaged with its top "
+        "n documents (n = 0: off, plain search).")
+    database_augmentation: NeighbourAveraging = Field(
+        default=NeighbourAveraging(), description="DBA: each indexed document averaged with "
+        "its top n neighbours before searching (n = 0: off).")
 
 
 class ClusterRepresentation(StrEnum):
