@@ -37,12 +37,21 @@ def _fmt_measured(measured: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} = {'n/a' if v is None else v}" for k, v in measured.items())
 
 
+def _millions(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1e6:.2f}"
+
+
+def _count(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     """The Markdown report of a results dict (as written to continual_<config>.json)."""
     methods: Mapping[str, Mapping[str, Any]] = results["methods"]
     config = results["config"]
     env = results.get("environment", {})
-    lines = [f"# Continual benchmark, `{config['name']}` configuration", "",
+    kind = "ad-hoc run" if config.get("kind") == "ad hoc" else "configuration"
+    lines = [f"# Continual benchmark, `{config['name']}` {kind}", "",
              f"Command: `{results['command']}`. Stream: {config['description']}. "
              f"Seeds: {', '.join(str(s) for s in config['seeds'])}.", ""]
     if env:
@@ -53,22 +62,16 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                      f"{load['max']:.1f} (other work shared the machine)" if load else "")
                   + ".", ""]
     lines += ["Final average over the sessions' test queries after the last session (mean over "
-              "seeds ± sample std); BWT = backward transfer of nDCG@10 (negative: forgetting). "
-              "Times: cumulative wall seconds per stage over the stream, the sum of the "
-              "sessions' timings.json (embedding = the new documents + re-embedding corpus and "
-              "memory with each new model; training = sampling + fine-tuning). Prefect's "
-              "task-run records of the same runs are in the JSON (`time_s_prefect`).", ""]
-    stage_cols = [s for s in STAGES]
-    lines.append("| method | nDCG@10 | Success@5 | Recall@10 | BWT nDCG@10 | "
-                 + " | ".join(f"{s} s" for s in stage_cols) + " |")
-    lines.append("|---" * (5 + len(stage_cols)) + "|")
+              "seeds ± sample std); BWT = backward transfer of nDCG@10 (negative: forgetting).",
+              "", "| method | nDCG@10 | Success@5 | Recall@10 | BWT nDCG@10 |",
+              "|---|---|---|---|---|"]
     for name, m in methods.items():
         std = m.get("std", {})
-        times = m.get("time_s")
-        cells = [format_score(m.get(k), std.get(k)) for k in HEADLINE]
-        cells += [format_score(None if times is None else times[s], digits=0) for s in stage_cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Targets (issue 4)", "", "| target | measured | met |", "|---|---|---|"]
+        lines.append(f"| {name} | "
+                     + " | ".join(format_score(m.get(k), std.get(k)) for k in HEADLINE) + " |")
+    lines += _cost_lines(methods)
+    lines += ["", "## Targets (issues 4 and 13)", "", "| target | measured | met |",
+              "|---|---|---|"]
     for target in results["targets"].values():
         lines.append(f"| {target['target']} | {_fmt_measured(target['measured'])} | "
                      f"{_fmt_met(target['met'])} |")
@@ -83,13 +86,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         for name, row in zip(sessions, ours["matrix_ndcg@10"], strict=True):
             lines.append(f"| {name} | " + " | ".join(format_score(v) for v in row) + " |")
     lines += ["", "## Per seed", "", "| method | seed | nDCG@10 | Success@5 | Recall@10 | "
-              "BWT nDCG@10 | wall s | mean load during the run |",
-              "|---|---|---|---|---|---|---|---|"]
+              "BWT nDCG@10 | cost (M) | CPU s | wall s | mean load during the run |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         for seed, run in m.get("seeds", {}).items():
             load = (run.get("load_average") or {}).get("mean")
             cells = [format_score(run.get(k)) for k in HEADLINE]
-            cells += [format_score(run.get("wall_s"), digits=0), format_score(load, digits=1)]
+            cells += [_millions((run.get("work") or {}).get("cost_token_equivalents")),
+                      format_score(run.get("cpu_s"), digits=0),
+                      format_score(run.get("wall_s"), digits=0), format_score(load, digits=1)]
             lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     errors = results.get("errors") or {}
     if errors:
@@ -98,33 +103,71 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cost_lines(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Cost in load-independent units, then CPU and wall seconds (means over seeds)."""
+    joint = ((methods.get("joint") or {}).get("work") or {}).get("cost_token_equivalents")
+    lines = ["", "## Cost", "",
+             "Load-independent units, read back from each store: texts and tokens encoded "
+             "(every text of its embedding cache, through its windows: new documents, corpus "
+             "and memory re-embedded after each new model, queries), training steps, examples "
+             "(steps x batch size) and their tokens (each text cut at the training length). "
+             "Cost = tokens encoded + 3 x tokens trained (a backward pass costs about two "
+             "forward passes), in millions of forward-token equivalents. CPU s: process time "
+             "of the run; wall s per stage: the sessions' timings.json. Both depend on the "
+             "machine and its load; the targets use the cost.", "",
+             "| method | cost (M) | / joint | tokens encoded (M) | texts encoded | steps | "
+             "examples trained | tokens trained (M) | CPU s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        work = m.get("work") or {}
+        encoded, trained = work.get("encoded") or {}, work.get("trained") or {}
+        cost = work.get("cost_token_equivalents")
+        ratio = "n/a" if cost is None or not joint else f"{cost / joint:.2f}"
+        cells = [_millions(cost), ratio, _millions(encoded.get("tokens")),
+                 _count(encoded.get("texts")), _count(trained.get("steps")),
+                 _count(trained.get("examples")), _millions(trained.get("tokens")),
+                 format_score(m.get("cpu_s"), digits=0), format_score(m.get("wall_s"),
+                                                                      digits=0)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Wall seconds per stage, summed over the stream (embedding = the new "
+              "documents + re-embedding corpus and memory with each new model; training = "
+              "sampling + fine-tuning). Prefect's task-run records of the same runs are in the "
+              "JSON (`time_s_prefect`).", "",
+              "| method | " + " | ".join(f"{s} s" for s in STAGES) + " |",
+              "|---" * (len(STAGES) + 1) + "|"]
+    for name, m in methods.items():
+        times = m.get("time_s")
+        lines.append(f"| {name} | " + " | ".join(
+            format_score(None if times is None else times[s], digits=0) for s in STAGES) + " |")
+    return lines
+
+
 def _significance_lines(significance: Mapping[str, Any] | None) -> list[str]:
-    if not significance or not significance.get("by_seed"):
-        return ["", "## Paired significance tests", "",
+    pairs = (significance or {}).get("pairs")
+    if not pairs:
+        return ["", "## Paired tests, pooled over seeds", "",
                 (significance or {}).get("note", "Not computed.")]
-    lines = ["", "## Paired significance tests", "",
-             f"Two-sided paired Student's t-test per query (ranx `compare`, p <= "
-             f"{significance['max_p']} counts as significant) on the last session's row: every "
-             "session's test queries pooled, each query once. Pairs with driftlane; the mean is "
-             "over the pooled queries (weights sessions by their number of test queries). "
-             "W/T/L: driftlane wins / ties / losses per query.", "",
-             "| seed | queries | pair | nDCG@10 p | Success@5 p | Recall@10 p | nDCG@10 W/T/L |",
-             "|---|---|---|---|---|---|---|"]
-    for seed, tests in significance["by_seed"].items():
-        for pair, metrics in tests["pairs"].items():
-            first, second = pair.split(" vs ")
-            if "driftlane" not in (first, second):
-                continue
-            other = second if first == "driftlane" else first
-            cells = []
-            for m in TEST_METRICS:
-                p = metrics[m]["p_value"]
-                cells.append("n/a" if p is None else
-                             f"{p:.3g}" + (" *" if metrics[m]["significant"] else ""))
-            wtl = metrics["ndcg@10"]
-            wins, losses = (wtl["w"], wtl["l"]) if first == "driftlane" else (wtl["l"], wtl["w"])
-            lines.append(f"| {seed} | {tests['n_queries']} | driftlane vs {other} | "
-                         + " | ".join(cells) + f" | {wins}/{wtl['t']}/{losses} |")
+    lines = ["", "## Paired tests, pooled over seeds", "",
+             "Per query on the last session's row (every session's test queries, each query "
+             "once, against the whole corpus): a query's difference a - b is its mean over the "
+             "seeds both methods ran; two-sided paired t-test over the queries (* p < "
+             f"{significance['max_p']}) and a bootstrap 95% interval of the mean difference "
+             f"({significance['bootstrap']['resamples']:,} resamples of the queries). The mean "
+             "is over queries (sessions weighted by their number of test queries), unlike the "
+             "averages above. W/T/L: queries where a wins / ties / loses.", "",
+             "| a vs b | queries | seeds | nDCG@10 a - b (points) [95% interval] | nDCG@10 p | "
+             "Success@5 p | Recall@10 p | nDCG@10 W/T/L |",
+             "|---|---|---|---|---|---|---|---|"]
+    for pair, metrics in pairs.items():
+        ndcg = metrics["ndcg@10"]
+        low, high = (v * 100 for v in ndcg["ci95"])
+        cells = [str(ndcg["n_queries"]), str(len(ndcg["seeds"])),
+                 f"{ndcg['mean_difference'] * 100:+.2f} [{low:+.2f}, {high:+.2f}]"]
+        for m in TEST_METRICS:
+            p = metrics[m]["p_value"]
+            cells.append(f"{p:.3g}" + (" *" if metrics[m]["significant"] else ""))
+        cells.append(f"{ndcg['wins']}/{ndcg['ties']}/{ndcg['losses']}")
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -1,9 +1,18 @@
-"""The continual benchmark's figures, pure: from the sessions' metrics and timings to a
-method's summary, means over seeds, the issue's four targets and paired significance tests.
+"""The continual benchmark's figures, pure: from the sessions' metrics, timings and work
+counts to a method's summary, means over seeds, the issue's targets and paired significance
+tests pooled over seeds.
 
-Functions over plain dicts and frames, no file access: `benchmarks.continual_runs` reads the
-stores and Prefect's records, `benchmarks.continual_report` turns the results into Markdown
-and plots. Covered by tests/test_continual_bench.py.
+Functions over plain dicts, arrays and frames, no file access: `benchmarks.continual_runs`
+reads the stores and Prefect's records, `benchmarks.continual_report` turns the results into
+Markdown and plots. Covered by tests/test_continual_bench.py.
+
+Cost in units that do not depend on the machine's load (`encoding_units`, `training_units`,
+`cost_token_equivalents`): texts, windows and tokens the encoder ran at inference (every text a
+store's embedding cache holds was encoded once by that run: new documents, the corpus and
+memory re-embedded after each new model, training and test queries), and training steps,
+examples (steps x batch size) and the tokens of those examples (each text cut at the training
+length). The cost targets compare forward-token equivalents: encoded tokens plus
+TRAINING_FLOP_FACTOR times the trained tokens.
 """
 
 from __future__ import annotations
@@ -32,14 +41,20 @@ TASK_STAGES = {
     "build_index": "indexing",
     "evaluate_sessions": "evaluation",
 }
-# The cost the joint-retraining target compares: training plus all the encoding work (the
-# corpus re-embedding after each new model included, paid by every method that trains).
+# The wall-time stages behind the cost (informative only: the targets use COST_UNIT).
 COST_STAGES = ("embedding", "training")
+# A training token costs a forward and a backward pass: about 3 forward passes (Kaplan et al.
+# 2020, "Scaling laws for neural language models": 6N against 2N FLOPs per token).
+TRAINING_FLOP_FACTOR = 3.0
+COST_UNIT = ("forward-token equivalents: tokens encoded + "
+             f"{TRAINING_FLOP_FACTOR:g} x tokens trained (steps x batch size x tokens per "
+             "example)")
 SUMMARY_METRICS = ("ndcg@10", "success@5", "recall@10", "recall@100")
 # Our metric name -> ranx metric name (as tasks.evaluation.METRICS) for the paired tests.
 TEST_METRICS = {"ndcg@10": "ndcg@10", "success@5": "hit_rate@5", "recall@10": "recall@10"}
-STAT_TEST = "student"
 MAX_P = 0.05
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
 POINTS = 100.0  # a "point" of nDCG is 0.01
 
 
@@ -114,6 +129,62 @@ def summarize_run(rows: Sequence[tuple[str, dict[str, dict[str, float]]]],
     return out
 
 
+# --- work in load-independent units (pure) ---------------------------------------------------
+
+
+def window_token_counts(n_content_tokens: Sequence[int] | np.ndarray, window_tokens: int,
+                        overlap_tokens: int, n_special: int) -> np.ndarray:
+    """(n,) int64: tokens the encoder runs for each text, as `tasks.embedding.embed_texts`
+    cuts it: the content tokens of each of its windows plus `n_special` special tokens per
+    window (`window_tokens` includes them; consecutive windows share `overlap_tokens`)."""
+    from driftlane.tasks.chunking import window_table
+
+    lengths = np.asarray(n_content_tokens, dtype=np.int64).reshape(-1)  # (n,)
+    table = window_table(lengths, window_tokens - n_special, overlap_tokens)
+    per_window = table.end - table.start + n_special  # (n_windows,)
+    return np.bincount(table.doc, weights=per_window, minlength=len(lengths)).astype(np.int64)
+
+
+def encoding_units(digests: Sequence[str], n_windows: Sequence[int] | np.ndarray,
+                   known: Mapping[str, tuple[str, int]], window_tokens: int) -> dict[str, Any]:
+    """Texts, windows and tokens encoded at inference, from the rows of a store's embedding
+    cache (one row per text encoded: its digest and window count).
+
+    known: text digest -> (kind, tokens through its windows) for the texts the stream holds
+    (kind "document" or "query"); a text not among them (kind "other") counts
+    `window_tokens` per window, an upper bound.
+    """
+    windows = np.asarray(n_windows, dtype=np.int64).reshape(-1)
+    by_kind: dict[str, int] = {"document": 0, "query": 0, "other": 0}
+    tokens = 0
+    for digest, n in zip(digests, windows.tolist(), strict=True):
+        kind, count = known.get(digest, ("other", n * window_tokens))
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+        tokens += int(count)
+    return {"texts": len(windows), "windows": int(windows.sum()), "tokens": tokens,
+            "texts_by_kind": by_kind}
+
+
+def training_units(sessions: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """Steps, examples (steps x batch size) and tokens trained over the trained sessions.
+
+    sessions: per session that trained, {"steps", "batch_size", "tokens_per_example"} (the
+    mean tokens of an example's texts, each cut at the training length).
+    """
+    steps = sum(int(s["steps"]) for s in sessions)
+    examples = sum(int(s["steps"]) * int(s["batch_size"]) for s in sessions)
+    tokens = sum(int(s["steps"]) * int(s["batch_size"]) * float(s["tokens_per_example"])
+                 for s in sessions)
+    return {"steps": steps, "examples": examples, "tokens": int(round(tokens))}
+
+
+def cost_token_equivalents(work: Mapping[str, Any] | None) -> float | None:
+    """Forward-token equivalents of a run's work (COST_UNIT); None when unknown."""
+    if not work or work.get("encoded") is None or work.get("trained") is None:
+        return None
+    return float(work["encoded"]["tokens"] + TRAINING_FLOP_FACTOR * work["trained"]["tokens"])
+
+
 # --- over seeds and methods (pure) -----------------------------------------------------------
 
 
@@ -134,13 +205,23 @@ def _elementwise_mean(arrays: Sequence[Any]) -> Any:
     return mean
 
 
+def _mean_of_dicts(dicts: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """Key by key mean of equally shaped nested dicts of numbers (None if any is missing)."""
+    if not dicts or any(d is None for d in dicts):
+        return None
+    return {key: _mean_of_dicts([d[key] for d in dicts]) if isinstance(value, Mapping)
+            else _mean_std([d.get(key) for d in dicts])[0]
+            for key, value in dicts[0].items()}
+
+
 SCALARS = (*(f"avg_{m}" for m in SUMMARY_METRICS), *(f"bwt_{m}" for m in SUMMARY_METRICS),
-           "wall_s")
+           "wall_s", "cpu_s")
 
 
 def aggregate_seeds(per_seed: Mapping[int | str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Means over seeds (`avg_ndcg@10`, ..., `time_s` per stage), their sample std (`std`,
-    None with one seed) and the per-seed values (`seeds`, keyed by the seed as a string)."""
+    """Means over seeds (`avg_ndcg@10`, ..., `cpu_s`, `time_s` per stage, `work` counts),
+    their sample std (`std`, None with one seed) and the per-seed values (`seeds`, keyed by
+    the seed as a string)."""
     runs = list(per_seed.values())
     out: dict[str, Any] = {}
     std: dict[str, float | None] = {}
@@ -154,6 +235,7 @@ def aggregate_seeds(per_seed: Mapping[int | str, Mapping[str, Any]]) -> dict[str
         else:
             out[key] = None
     out["std"] = std
+    out["work"] = _mean_of_dicts([run.get("work") for run in runs])
     out["curve_ndcg@10"] = _elementwise_mean([run.get("curve_ndcg@10") for run in runs]) \
         if runs else None
     out["matrix_ndcg@10"] = _elementwise_mean([run.get("matrix_ndcg@10") for run in runs]) \
@@ -169,7 +251,7 @@ def _points(a: float | None, b: float | None) -> float | None:
 
 
 def cost_seconds(time_s: Mapping[str, float] | None) -> float | None:
-    """Training plus embedding work (COST_STAGES) of a method, in seconds."""
+    """Wall seconds of the embedding and training stages (COST_STAGES) of a method."""
     if time_s is None:
         return None
     return float(sum(time_s[s] for s in COST_STAGES))
@@ -179,55 +261,87 @@ def _all_known(*values: Any) -> bool:
     return all(v is not None for v in values)
 
 
-def evaluate_targets(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The issue's four targets, from the means over seeds; `met` is None when a figure is
-    missing (a method not run, or failed). Differences are in nDCG points (0.01)."""
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 4) if _all_known(a, b) and b else None
+
+
+# Replay baselines driftlane must beat, with the margin in points (those not run are skipped).
+REPLAY_BASELINES = {"random_replay": 1.0, "mir": 0.0, "gss": 0.0}
+
+
+def evaluate_targets(methods: Mapping[str, Mapping[str, Any]],
+                     significance: Mapping[str, Any] | None = None
+                     ) -> dict[str, dict[str, Any]]:
+    """The targets of issues 4 and 13, from the means over seeds and the pooled paired tests
+    (`pooled_paired_tests`); `met` is None when a figure is missing (a method not run or
+    failed, no test). Differences are in nDCG points (0.01); the cost is in COST_UNIT."""
 
     def get(method: str, key: str) -> Any:
         return methods.get(method, {}).get(key)
 
-    ours = get("driftlane", "avg_ndcg@10")
-    vs_zero = _points(ours, get("zero_shot", "avg_ndcg@10"))
-    vs_replay = _points(ours, get("random_replay", "avg_ndcg@10"))
-    bwt = get("driftlane", "bwt_ndcg@10")
-    bwt_seq = get("sequential", "bwt_ndcg@10")
-    vs_joint = _points(ours, get("joint", "avg_ndcg@10"))
-    our_cost, joint_cost = cost_seconds(get("driftlane", "time_s")), \
-        cost_seconds(get("joint", "time_s"))
-    ratio = our_cost / joint_cost if _all_known(our_cost, joint_cost) and joint_cost else None
-    selfsup = _points(get("driftlane_selfsup", "avg_ndcg@10"), get("zero_shot", "avg_ndcg@10"))
+    def work(method: str, *path: str) -> Any:
+        value: Any = get(method, "work")
+        for key in path:
+            value = None if value is None else value.get(key)
+        return value
 
-    def met(ok: bool, *figures: Any) -> bool | None:
+    def met(ok: Any, *figures: Any) -> bool | None:
         return bool(ok) if _all_known(*figures) else None
 
+    ours = get("driftlane", "avg_ndcg@10")
+    vs_zero = _points(ours, get("zero_shot", "avg_ndcg@10"))
+    test = ((significance or {}).get("pairs") or {}).get("driftlane vs zero_shot") or {}
+    p_zero = (test.get("ndcg@10") or {}).get("p_value")
+    vs_replay = {name: _points(ours, get(name, "avg_ndcg@10")) for name in REPLAY_BASELINES
+                 if name == "random_replay" or name in methods}
+    replay_ok = all(v is not None and v >= REPLAY_BASELINES[n] for n, v in vs_replay.items())
+    bwt = get("driftlane", "bwt_ndcg@10")
+    vs_joint = _points(ours, get("joint", "avg_ndcg@10"))
+    ratio = _ratio(work("driftlane", "cost_token_equivalents"),
+                   work("joint", "cost_token_equivalents"))
+    selfsup = _points(get("driftlane_selfsup", "avg_ndcg@10"), get("zero_shot", "avg_ndcg@10"))
     return {
-        "driftlane_above_baselines": {
-            "target": "driftlane avg nDCG@10 >= zero_shot + 3 points and >= random_replay "
-                      "+ 1 point",
-            "measured": {"driftlane_minus_zero_shot_points": vs_zero,
-                         "driftlane_minus_random_replay_points": vs_replay},
-            "met": met(_all_known(vs_zero, vs_replay) and vs_zero >= 3 and vs_replay >= 1,
-                       vs_zero, vs_replay),
+        "driftlane_above_zero_shot": {
+            "target": "driftlane avg nDCG@10 >= zero_shot + 3 points, significant at "
+                      f"p < {MAX_P} (paired t-test per query, pooled over seeds)",
+            "measured": {"driftlane_minus_zero_shot_points": vs_zero, "p_value": p_zero},
+            "met": met(_all_known(vs_zero, p_zero) and vs_zero >= 3 and p_zero < MAX_P,
+                       vs_zero, p_zero),
+        },
+        "driftlane_above_replay": {
+            "target": "driftlane avg nDCG@10 >= random_replay + 1 point, and >= mir and gss "
+                      "(when run)",
+            "measured": {f"driftlane_minus_{n}_points": v for n, v in vs_replay.items()},
+            "met": met(replay_ok, *vs_replay.values()),
         },
         "driftlane_backward_transfer": {
             "target": "driftlane bwt nDCG@10 >= -0.5 points (sequential expected to forget "
                       "more)",
             "measured": {"driftlane_bwt_points": _points(bwt, 0.0),
-                         "sequential_bwt_points": _points(bwt_seq, 0.0)},
+                         "sequential_bwt_points": _points(get("sequential", "bwt_ndcg@10"),
+                                                          0.0)},
             "met": met(bwt is not None and bwt * POINTS >= -0.5, bwt),
         },
         "driftlane_close_to_joint": {
-            "target": "driftlane avg nDCG@10 >= joint - 1 point, with training+embedding time "
-                      f"({'+'.join(COST_STAGES)}) at most 40% of joint's",
-            "measured": {"driftlane_minus_joint_points": vs_joint,
-                         "driftlane_cost_s": None if our_cost is None else round(our_cost, 1),
-                         "joint_cost_s": None if joint_cost is None else round(joint_cost, 1),
-                         "cost_ratio": None if ratio is None else round(ratio, 4)},
+            "target": "driftlane avg nDCG@10 >= joint - 1 point, at most 0.40 of joint's "
+                      "embedding + training cost in forward-token equivalents",
+            "measured": {
+                "driftlane_minus_joint_points": vs_joint,
+                "cost_ratio": ratio,
+                "encoded_tokens_ratio": _ratio(work("driftlane", "encoded", "tokens"),
+                                               work("joint", "encoded", "tokens")),
+                "trained_tokens_ratio": _ratio(work("driftlane", "trained", "tokens"),
+                                               work("joint", "trained", "tokens")),
+                # load-dependent, for comparison only
+                "cpu_s_ratio": _ratio(get("driftlane", "cpu_s"), get("joint", "cpu_s")),
+                "wall_s_ratio": _ratio(cost_seconds(get("driftlane", "time_s")),
+                                       cost_seconds(get("joint", "time_s"))),
+            },
             "met": met(_all_known(vs_joint, ratio) and vs_joint >= -1 and ratio <= 0.4,
                        vs_joint, ratio),
         },
         "selfsup_above_zero_shot": {
-            "target": "driftlane_selfsup avg nDCG@10 >= zero_shot + 1 point",
+            "target": "driftlane_selfsup avg nDCG@10 >= zero_shot + 1 point (no qrels read)",
             "measured": {"driftlane_selfsup_minus_zero_shot_points": selfsup},
             "met": met(selfsup is not None and selfsup >= 1, selfsup),
         },
@@ -268,34 +382,93 @@ def run_from_frame(runs: Any, qrels: Mapping[str, Mapping[str, int]]
     return {q: run.get(q) or {"__none__": 0.0} for q in qrels}
 
 
-def paired_tests(qrels: Mapping[str, Mapping[str, int]],
-                 runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, Any]:
-    """ranx `compare` of every pair of methods, per query, on the same judged queries.
+def per_query_scores(qrels: Mapping[str, Mapping[str, int]],
+                     run: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """{our metric name: {query key: score}} of one run on the judged queries (ranx, as
+    tasks.evaluation computes the metrics)."""
+    from ranx import Qrels, Run, evaluate
 
-    runs: method -> its run. Returns the per-method means over the pooled queries, and per
-    pair ("a vs b") and metric: p-value, significant (p <= MAX_P), and a's wins / ties /
-    losses against b.
+    ranx_run = Run.from_dict({q: dict(d) for q, d in run.items()})
+    evaluate(Qrels.from_dict({q: dict(d) for q, d in qrels.items()}), ranx_run,
+             list(TEST_METRICS.values()), make_comparable=True)
+    return {ours: {q: float(v) for q, v in ranx_run.scores[theirs].items()}
+            for ours, theirs in TEST_METRICS.items()}
+
+
+def pooled_paired_test(a: Mapping[str, Mapping[str, float]],
+                       b: Mapping[str, Mapping[str, float]],
+                       resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Paired comparison of two methods per query, pooled over seeds.
+
+    a, b: seed -> {query key: score} of one metric. Over the seeds both methods ran, each
+    query's difference d_q is the mean over seeds of a - b (the query is the unit: seeds are
+    repeated measures of it, not more queries). Returns the mean difference and a two-sided
+    paired Student's t-test over the d_q (t = mean / (sd / sqrt(n)), n - 1 degrees of
+    freedom), a percentile bootstrap 95% interval of the mean difference (queries resampled
+    with replacement, seeded), and wins / ties / losses of a over the queries.
     """
-    from ranx import Qrels, Run, compare
+    from scipy import stats
 
-    names = list(runs)
-    report = compare(Qrels.from_dict({q: dict(d) for q, d in qrels.items()}),
-                     [Run.from_dict({q: dict(d) for q, d in runs[n].items()}, name=n)
-                      for n in names],
-                     metrics=list(TEST_METRICS.values()), stat_test=STAT_TEST, max_p=MAX_P,
-                     make_comparable=True)
-    ours = {theirs: mine for mine, theirs in TEST_METRICS.items()}
-    means = {n: {ours[m]: float(v) for m, v in report.results[n].items()} for n in names}
+    seeds = [s for s in a if s in b]
+    if not seeds:
+        raise ValueError("no seed run by both methods")
+    queries = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds)))
+    diff = np.array([[a[s][q] - b[s][q] for q in queries] for s in seeds]).mean(axis=0)  # (n,)
+    n = len(diff)
+    mean = float(diff.mean()) if n else 0.0
+    sd = float(diff.std(ddof=1)) if n > 1 else 0.0
+    if sd > 1e-12:  # scores lie in [0, 1]; below this the spread is rounding
+        t = mean / (sd / math.sqrt(n))
+        p = float(2.0 * stats.t.sf(abs(t), df=n - 1))
+    else:  # every query moved by the same amount (or there is one query)
+        t, p = (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
+    low, high = _bootstrap_interval(diff, resamples, seed)
+    wins, losses = int((diff > 1e-12).sum()), int((diff < -1e-12).sum())
+    return {"n_queries": n, "seeds": [str(s) for s in seeds],
+            "mean_a": _mean_over(a, seeds, queries), "mean_b": _mean_over(b, seeds, queries),
+            "mean_difference": mean, "t": _finite(t), "p_value": p, "significant": p < MAX_P,
+            "ci95": [low, high], "wins": wins, "ties": n - wins - losses, "losses": losses}
+
+
+def _bootstrap_interval(diff: np.ndarray, resamples: int, seed: int,
+                        chunk: int = 1000) -> tuple[float, float]:
+    """Percentile 95% interval of the mean of `diff` (n,) over `resamples` seeded resamples
+    of its entries with replacement (drawn `chunk` resamples at a time)."""
+    if not len(diff):
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([
+        diff[rng.integers(0, len(diff), size=(min(chunk, resamples - done), len(diff)))]
+        .mean(axis=1) for done in range(0, resamples, chunk)])  # (resamples,)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _mean_over(scores: Mapping[str, Mapping[str, float]], seeds: Sequence[str],
+               queries: Sequence[str]) -> float:
+    return float(np.mean([[scores[s][q] for q in queries] for s in seeds])) if queries else 0.0
+
+
+def pooled_paired_tests(scores: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]
+                        ) -> dict[str, Any]:
+    """`pooled_paired_test` of every pair of methods on every TEST_METRICS metric.
+
+    scores: method -> seed -> metric -> {query key: score} (`per_query_scores`), methods in
+    report order. A pair is "a vs b" with a the later method in that order (the baselines come
+    first, so differences read as driftlane minus baseline).
+    """
+    names = list(scores)
     pairs: dict[str, dict[str, Any]] = {}
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            tests = report.comparisons[frozenset([a, b])]
+    for j, a in enumerate(names):
+        for b in names[:j]:
+            if not set(scores[a]) & set(scores[b]):
+                continue
             pairs[f"{a} vs {b}"] = {
-                ours[m]: {"p_value": _finite(tests[m]["p_value"]),
-                          "significant": bool(tests[m]["significant"]),
-                          **{k.lower(): v for k, v in report.win_tie_loss[(a, b)][m].items()}}
-                for m in TEST_METRICS.values()}
-    return {"n_queries": len(qrels), "means": means, "pairs": pairs}
+                metric: pooled_paired_test({s: m[metric] for s, m in scores[a].items()},
+                                           {s: m[metric] for s, m in scores[b].items()})
+                for metric in TEST_METRICS}
+    return {"pairs": pairs}
 
 
 def _finite(value: Any) -> float | None:

@@ -1,6 +1,7 @@
 """Running the continual benchmark's methods: the stream, a temporary Prefect, one stream
-flow per method and seed into a fresh store, its timings and load, the records `--resume`
-keeps, and reading a finished store back.
+flow per method and seed into a fresh store, its timings, CPU time and load, the records
+`--resume` keeps, and reading a finished store back (metrics, runs, and its work in
+load-independent units: `WorkCounter`).
 
 Everything here touches files, Prefect or the machine; the figures computed from what it
 reads are in `benchmarks.continual_results`.
@@ -9,6 +10,7 @@ reads are in `benchmarks.continual_results`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -22,13 +24,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from benchmarks.continual_report import format_score
 from benchmarks.continual_results import (
+    cost_token_equivalents,
+    encoding_units,
     run_from_frame,
     stage_times_from_task_runs,
     stream_qrels,
     summarize_run,
     task_function_name,
+    training_units,
+    window_token_counts,
 )
 
 if TYPE_CHECKING:
@@ -38,23 +46,31 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_bench_stream(bench: BenchConfig, work: Path, datasets_dir: str | None) -> list[str]:
-    """The stream's session folders under work/stream, built once and reused while its
-    arguments stay the same (a different stream would clash with the stores' sessions)."""
+    """The stream's session folders: a stream given as `bench.stream` (a folder written by
+    `driftlane make-stream`), else one built under work/stream and reused while its arguments
+    stay the same. Stores made from another stream are removed (their sessions would clash)."""
     from driftlane.tasks.stream_builder import build_stream
 
-    folder = work / "stream"
-    wanted = {"datasets": list(bench.datasets), "docs_per_session": bench.docs_per_session,
-              "queries_per_session": bench.queries_per_session, "seed": bench.stream_seed,
-              "datasets_dir": datasets_dir}
+    if bench.stream is not None:
+        folder = Path(bench.stream).expanduser().resolve()
+        manifest_bytes = (folder / "stream.json").read_bytes()
+        wanted = {"stream": str(folder),
+                  "stream_json_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+    else:
+        folder = work / "stream"
+        wanted = {"datasets": list(bench.datasets), "docs_per_session": bench.docs_per_session,
+                  "queries_per_session": bench.queries_per_session, "seed": bench.stream_seed,
+                  "datasets_dir": datasets_dir}
     marker = work / "stream-arguments.json"
     manifest_path = folder / "stream.json"
     if not (manifest_path.exists() and marker.exists()
             and json.loads(marker.read_text()) == wanted):
         shutil.rmtree(work / "stores", ignore_errors=True)
-        build_stream(list(bench.datasets), folder, mode="domain",
-                     docs_per_session=bench.docs_per_session,
-                     queries_per_session=bench.queries_per_session, seed=bench.stream_seed,
-                     datasets_dir=datasets_dir, force=True)
+        if bench.stream is None:
+            build_stream(list(bench.datasets), folder, mode="domain",
+                         docs_per_session=bench.docs_per_session,
+                         queries_per_session=bench.queries_per_session, seed=bench.stream_seed,
+                         datasets_dir=datasets_dir, force=True)
         marker.write_text(json.dumps(wanted, indent=2) + "\n")
     manifest = json.loads(manifest_path.read_text())
     return [str(folder / s["name"]) for s in manifest["sessions"]]
@@ -120,7 +136,7 @@ def run_method(stream_flow: Any, session_urls: list[str], store: Path, config: A
     """Run the stream into a fresh store; the run's summary, or None (error recorded)."""
     shutil.rmtree(store, ignore_errors=True)
     log_progress(f"{key}: running {len(session_urls)} sessions into {store}")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         with LoadSampler(period_s=15.0) as load, _quiet(log_path):
             state = stream_flow(session_urls, str(store), config, return_state=True)
@@ -133,11 +149,15 @@ def run_method(stream_flow: Any, session_urls: list[str], store: Path, config: A
         log_progress(f"{key}: FAILED ({errors[key]}); see {log_path}")
         return None
     wall = time.perf_counter() - started
+    # CPU seconds of this process, all its threads (torch's included): unlike the wall time,
+    # other work on the machine does not add to them
+    cpu = time.process_time() - cpu_started
     rows, timings, _ = read_store_run(str(store))
     run = summarize_run(rows, timings, stage_times, wall)
+    run["cpu_s"] = round(cpu, 1)
     run["store"] = str(store)
     run["load_average"] = load.summary()  # other work on the machine slows a run down
-    log_progress(f"{key}: done in {wall:.0f} s: avg nDCG@10 "
+    log_progress(f"{key}: done in {wall:.0f} s ({cpu:.0f} CPU s): avg nDCG@10 "
                  f"{format_score(run['avg_ndcg@10'])}, bwt {format_score(run['bwt_ndcg@10'])}")
     return run
 
@@ -164,6 +184,121 @@ def load_finished_run(work: Path, method: str, seed: int, config: Any,
     if saved["config_digest"] != config.digest() or len(manifests) != n_sessions:
         return None
     return saved["run"]
+
+
+class WorkCounter:
+    """A finished store's work in load-independent units, read back from the store.
+
+    Encoding: every text the store's embedding cache holds was encoded once by the run (each
+    stage embeds only what the cache lacks: new documents, the corpus and memory re-embedded
+    after a new model, training, buffered and test queries). The cache keeps each text's
+    digest and window count (`cache/<model version>/<chunking>/<shard>.digests.parquet`, see
+    infra.embedding_cache); the tokens come from the stream's documents and queries,
+    tokenized and cut into windows as the encoder does. Training: per trained session, its
+    steps (training/training.json), batch size and training length (config.json) and the
+    mean tokens of its examples (training/examples.parquet: anchor, positive and, when the
+    loss used them, negative texts, each cut at the training length).
+    """
+
+    def __init__(self, model: str, chunking: Any):
+        from driftlane.tasks.chunking import special_tokens_of
+        from driftlane.tasks.embedding import effective_window_tokens
+        from driftlane.tasks.models import load_encoder
+
+        encoder = load_encoder(model, "cpu")
+        self.tokenizer = encoder.tokenizer
+        self.n_special = special_tokens_of(self.tokenizer).count
+        self.window_tokens = effective_window_tokens(encoder, chunking)
+        self.overlap_tokens = chunking.overlap_tokens
+        # per published session (name, content digest): text digest -> (kind, tokens
+        # encoded), and doc key -> content tokens
+        self._sessions: dict[tuple[str, str], tuple[dict, dict]] = {}
+
+    def _content_tokens(self, texts: list[str]) -> np.ndarray:
+        from driftlane.tasks.chunking import tokenize_content
+
+        return np.array([len(ids) for ids in tokenize_content(self.tokenizer, texts)],
+                        dtype=np.int64)
+
+    def _session_texts(self, store: Any, manifest: Any) -> tuple[dict, dict]:
+        from driftlane.infra.io import read_parquet
+        from driftlane.tasks.texts import document_text, text_digest
+
+        key = (manifest.name, manifest.digest)
+        if key not in self._sessions:
+            known: dict[str, tuple[str, int]] = {}
+            docs = read_parquet(store.session_url(manifest, "docs.parquet"))
+            queries = read_parquet(store.session_url(manifest, "queries.parquet"))
+            doc_texts = [document_text(t, x) for t, x in zip(docs["title"], docs["text"],
+                                                              strict=True)]
+            doc_content = self._content_tokens(doc_texts)
+            query_texts = queries["text"].astype(str).tolist()
+            for kind, texts, content in (
+                    ("query", query_texts, self._content_tokens(query_texts)),
+                    ("document", doc_texts, doc_content)):
+                encoded = window_token_counts(content, self.window_tokens,
+                                              self.overlap_tokens, self.n_special)
+                known.update({text_digest(text): (kind, int(n))
+                              for text, n in zip(texts, encoded.tolist(), strict=True)})
+            doc_keys = manifest.name + "/" + docs["doc_id"].astype(str)
+            self._sessions[key] = (known, dict(zip(doc_keys, doc_content.tolist(),
+                                                   strict=True)))
+        return self._sessions[key]
+
+    def _tokens_per_example(self, examples: Any, doc_content: dict[str, int],
+                            max_length: int, with_negatives: bool) -> float:
+        """Mean tokens of an example's training texts, each cut at `max_length`."""
+        if not len(examples):
+            return 0.0
+
+        def cut(content: np.ndarray) -> np.ndarray:
+            return np.minimum(content + self.n_special, max_length)
+
+        def docs(keys: Any) -> np.ndarray:
+            # a key whose text is unknown counts the full training length
+            return np.array([doc_content.get(str(k), max_length) for k in keys], np.int64)
+
+        tokens = cut(self._content_tokens(examples["anchor"].astype(str).tolist()))
+        tokens = tokens + cut(docs(examples["positive_key"]))
+        if with_negatives:
+            has = examples["negative_key"].notna().to_numpy()
+            tokens[has] += cut(docs(examples["negative_key"][has]))
+        return float(tokens.mean())
+
+    def work_of_store(self, store_url: str) -> dict[str, Any]:
+        """{"encoded": `encoding_units`, "trained": `training_units`,
+        "cost_token_equivalents"} of the store's published sessions and cache."""
+        from driftlane.infra.io import read_parquet
+        from driftlane.infra.store import Store
+
+        store = Store(store_url)
+        manifests = store.sessions()
+        known: dict[str, tuple[str, int]] = {}
+        doc_content: dict[str, int] = {}
+        for manifest in manifests:
+            texts, content = self._session_texts(store, manifest)
+            known.update(texts)
+            doc_content.update(content)
+        shards = [read_parquet(store.fs.unstrip_protocol(path)) for path in sorted(
+            store.fs.glob(store.path("cache", "*", "*", "*.digests.parquet")))]
+        digests = [d for shard in shards for d in shard["digest"].astype(str)]
+        windows = np.concatenate([shard["n_windows"].to_numpy(np.int64) for shard in shards]) \
+            if shards else np.zeros(0, np.int64)
+        trained = []
+        for manifest in manifests:
+            if "training/training.json" not in manifest.files:
+                continue  # this session did not train
+            training = store.read_json(manifest, "training/training.json")
+            finetune = store.read_json(manifest, "config.json")["finetune"]
+            examples = read_parquet(store.session_url(manifest, "training/examples.parquet"))
+            trained.append({"steps": training["steps"], "batch_size": finetune["batch_size"],
+                            "tokens_per_example": self._tokens_per_example(
+                                examples, doc_content, finetune["max_seq_length"],
+                                bool(training.get("hard_negatives", True)))})
+        work = {"encoded": encoding_units(digests, windows, known, self.window_tokens),
+                "trained": training_units(trained)}
+        work["cost_token_equivalents"] = cost_token_equivalents(work)
+        return work
 
 
 class LoadSampler:

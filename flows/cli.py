@@ -284,13 +284,33 @@ def export_clusters(
 @app.command("bench")
 @command
 def bench(
-    config: Annotated[str, typer.Option("--config", metavar="[small|gpu]", help="small: a "
-                      "subsampled 4-session stream, 1 seed, within an hour on 2 CPU cores; "
-                      "gpu: the full default stream, 3 seeds, on one GPU.")] = "small",
+    config: Annotated[str, typer.Option("--config", metavar="[small|medium|gpu]", help="small: "
+                      "4 sessions of 120 documents, 1 seed, within an hour on 2 CPU cores; "
+                      "medium: 3 sessions of about 2,000 documents, 3 seeds, CPU (hours); "
+                      "gpu: the full default stream, 3 seeds. With --datasets or --stream: "
+                      "the settings only.")] = "small",
+    datasets: Annotated[list[str] | None, typer.Option("--datasets", help="Benchmark these "
+                        "BEIR collections (names under --datasets-dir, or paths), one session "
+                        "each, in order: repeat the option or separate with commas.",
+                        show_default=False)] = None,
+    stream: Annotated[str | None, typer.Option("--stream", help="Benchmark a stream written by "
+                      "`driftlane make-stream` (its folder).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Name of an ad-hoc run (default: "
+                    "from the collections or the stream folder): writes "
+                    "continual_<name>.*.")] = None,
+    methods: Annotated[list[str] | None, typer.Option("--methods", help="Only these methods "
+                       "(repeat or separate with commas; default: all).",
+                       show_default=False)] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Only these seeds (repeat "
+                     "the option; default: the configuration's).", show_default=False)] = None,
+    datasets_dir: Annotated[str | None, typer.Option("--datasets-dir", help="Where collection "
+                            "names are looked up (default: $DRIFTLANE_DATASETS, else "
+                            "../shared/datasets).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Where the JSON, Markdown "
-                       "and PNG results go (default: benchmarks/results).")] = None,
+                       "and PNG results go (default: benchmarks/results; an ad-hoc run: its "
+                       "--work folder).")] = None,
     work: Annotated[Path | None, typer.Option("--work", help="Stream, stores, scratch and "
-                    "logs (default: ~/.cache/driftlane/bench/<config>).")] = None,
+                    "logs (default: ~/.cache/driftlane/bench/<name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the method/seed runs an "
                       "interrupted run of the same configuration finished.")] = False,
 ) -> None:
@@ -298,18 +318,25 @@ def bench(
     repo = Path(__file__).resolve().parents[1]
     if not (repo / "benchmarks" / "continual.py").exists():
         fail("the benchmark ships with the source checkout (benchmarks/continual.py), not "
-              "with the installed package; run it from a checkout")
-    if config not in ("small", "gpu"):
-        fail(f"--config must be small or gpu, got {config!r}")
+             "with the installed package; run it from a checkout")
     if str(repo) not in sys.path:
         sys.path.insert(0, str(repo))
-    from benchmarks.continual import main as run_benchmark
+    from benchmarks.continual import BenchUsageError, request_from_argv, run_request
 
     argv = ["--config", config]
-    argv += ["--out-dir", str(out_dir)] if out_dir else []
-    argv += ["--work", str(work)] if work else []
+    for option, values in (("--datasets", datasets), ("--methods", methods),
+                           ("--seeds", [str(s) for s in seeds or []])):
+        argv += [option, *values] if values else []
+    for option, value in (("--stream", stream), ("--name", name),
+                          ("--datasets-dir", datasets_dir), ("--out-dir", out_dir),
+                          ("--work", work)):
+        argv += [option, str(value)] if value is not None else []
     argv += ["--resume"] if resume else []
-    run_benchmark(argv)
+    try:  # checked before anything starts: one line, exit code 2
+        request = request_from_argv(argv)
+    except BenchUsageError as exc:
+        fail(str(exc))
+    run_request(request, argv)
 
 
 # Commands defined in their own modules register themselves on `app` when imported.

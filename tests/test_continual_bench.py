@@ -3,6 +3,8 @@ start-up checks."""
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -59,6 +61,20 @@ def test_every_method_builds_a_valid_session_config():
         "self_supervised"
     assert ours.embedding.chunking.window_tokens <= min(128, ours.finetune.max_seq_length)
     assert 64 <= ours.finetune.max_seq_length <= 96
+
+
+def test_small_stays_as_committed_and_medium_is_larger():
+    committed = json.loads((REPO_ROOT / "benchmarks" / "results" /
+                            "continual_small.json").read_text())["config"]
+    small, medium = continual.CONFIGS["small"], continual.CONFIGS["medium"]
+    assert small.session == committed["shared_settings"]  # `make bench` runs the same thing
+    assert (list(small.datasets), small.docs_per_session, list(small.seeds)) == \
+        (committed["datasets"], committed["docs_per_session"], committed["seeds"])
+    assert medium.seeds == (0, 1, 2) and len(medium.datasets) == 3
+    assert medium.docs_per_session >= 2000 and medium.queries_per_session is None
+    # the same encoder settings, so small's per-token costs carry over to the estimate
+    assert medium.session["embedding"] == small.session["embedding"]
+    assert medium.session["finetune"] == small.session["finetune"]
 
 
 def test_an_unknown_field_fails_loudly():
@@ -120,9 +136,16 @@ def test_aggregate_over_seeds_gives_mean_std_and_every_seed():
     assert single["avg_ndcg@10"] == 0.40 and single["std"]["avg_ndcg@10"] is None
 
 
-def method(avg, bwt=0.0, embedding=10.0, training=10.0, indexing=0.0):
-    return {"avg_ndcg@10": avg, "bwt_ndcg@10": bwt,
-            "time_s": timings(embedding, training, indexing)}
+def method(avg, bwt=0.0, encoded=1e6, trained=1e5, cpu=100.0):
+    """A method's means: avg / bwt nDCG@10 and its work (cost = encoded + 3 x trained)."""
+    return {"avg_ndcg@10": avg, "bwt_ndcg@10": bwt, "cpu_s": cpu,
+            "time_s": timings(10.0, 10.0),
+            "work": {"encoded": {"tokens": encoded}, "trained": {"tokens": trained},
+                     "cost_token_equivalents": encoded + 3 * trained}}
+
+
+def significance(p_value):
+    return {"pairs": {"driftlane vs zero_shot": {"ndcg@10": {"p_value": p_value}}}}
 
 
 def test_targets_from_hand_made_figures():
@@ -130,32 +153,45 @@ def test_targets_from_hand_made_figures():
         "zero_shot": method(0.40),
         "sequential": method(0.41, bwt=-0.03),
         "random_replay": method(0.425),
-        "joint": method(0.44, embedding=50.0, training=150.0, indexing=100.0),
-        "driftlane": method(0.435, bwt=-0.004, embedding=40.0, training=40.0, indexing=30.0),
+        "joint": method(0.44, encoded=5e6, trained=5e6, cpu=1000.0),  # cost 20M
+        "driftlane": method(0.435, bwt=-0.004, encoded=2e6, trained=2e6, cpu=900.0),  # 8M
         "driftlane_selfsup": method(0.405),
     }
-    targets = continual_results.evaluate_targets(methods)
-    above = targets["driftlane_above_baselines"]
-    assert above["measured"]["driftlane_minus_zero_shot_points"] == pytest.approx(3.5)
-    assert above["measured"]["driftlane_minus_random_replay_points"] == pytest.approx(1.0)
+    targets = continual_results.evaluate_targets(methods, significance(0.01))
+    above = targets["driftlane_above_zero_shot"]
+    assert above["measured"] == {"driftlane_minus_zero_shot_points": pytest.approx(3.5),
+                                 "p_value": 0.01}
     assert above["met"] is True
+    replay = targets["driftlane_above_replay"]
+    assert replay["measured"] == {"driftlane_minus_random_replay_points": pytest.approx(1.0)}
+    assert replay["met"] is True
     assert targets["driftlane_backward_transfer"]["met"] is True
     assert targets["driftlane_backward_transfer"]["measured"]["sequential_bwt_points"] == \
         pytest.approx(-3.0)
     close = targets["driftlane_close_to_joint"]
-    assert close["measured"]["cost_ratio"] == pytest.approx(80 / 200)  # indexing not counted
+    assert close["measured"]["cost_ratio"] == pytest.approx(8 / 20)  # units, not seconds
+    assert close["measured"]["cpu_s_ratio"] == pytest.approx(0.9)  # reported beside it
     assert close["measured"]["driftlane_minus_joint_points"] == pytest.approx(-0.5)
     assert close["met"] is True
     assert targets["selfsup_above_zero_shot"]["met"] is False  # 0.5 points < 1
 
-    slower = {**methods, "driftlane": method(0.435, bwt=-0.006, training=200.0)}
-    targets = continual_results.evaluate_targets(slower)
+    # not significant, a MIR baseline ahead, forgetting, a costlier driftlane
+    worse = {**methods, "mir": method(0.44),
+             "driftlane": method(0.435, bwt=-0.006, encoded=5e6, trained=2e6)}
+    targets = continual_results.evaluate_targets(worse, significance(0.2))
+    assert targets["driftlane_above_zero_shot"]["met"] is False
+    assert targets["driftlane_above_replay"]["measured"][
+        "driftlane_minus_mir_points"] == pytest.approx(-0.5)
+    assert targets["driftlane_above_replay"]["met"] is False
     assert targets["driftlane_backward_transfer"]["met"] is False
-    assert targets["driftlane_close_to_joint"]["met"] is False
+    assert targets["driftlane_close_to_joint"]["met"] is False  # 11M / 20M > 0.4
 
     missing = continual_results.evaluate_targets({"driftlane": methods["driftlane"]})
-    assert missing["driftlane_above_baselines"]["met"] is None
+    assert missing["driftlane_above_zero_shot"]["met"] is None
+    assert missing["driftlane_above_replay"]["met"] is None
     assert missing["driftlane_backward_transfer"]["met"] is True
+    no_test = continual_results.evaluate_targets(methods)  # no pooled test: not verifiable
+    assert no_test["driftlane_above_zero_shot"]["met"] is None
 
 
 def test_qrels_and_run_use_session_scoped_keys():
@@ -174,13 +210,19 @@ def test_qrels_and_run_use_session_scoped_keys():
                    "01_b/1": {"__none__": 0.0}}
 
 
-def test_markdown_report_shows_methods_targets_and_seeds():
+def test_markdown_report_shows_methods_cost_targets_tests_and_seeds():
     stage_times = continual_results.stage_times_from_task_runs(
         [("embed_documents", 30.0), ("fine_tune_session", 60.0)], [100.0])
     per_seed = continual_results.summarize_run(rows_from(NDCG), [timings(10, 20)] * 3,
                                                stage_times, wall_s=99.0)
+    per_seed["cpu_s"] = 150.0
+    work = {"encoded": {"texts": 1200, "windows": 1500, "tokens": 2_000_000},
+            "trained": {"steps": 10, "examples": 160, "tokens": 500_000}}
+    work["cost_token_equivalents"] = continual_results.cost_token_equivalents(work)
     methods = {"zero_shot": continual_results.aggregate_seeds({0: per_seed}),
-               "driftlane": continual_results.aggregate_seeds({0: per_seed})}
+               "driftlane": continual_results.aggregate_seeds({0: {**per_seed, "work": work}})}
+    test = continual_results.pooled_paired_test({"0": {"q1": 0.9, "q2": 0.5}},
+                                                {"0": {"q1": 0.4, "q2": 0.5}})
     results = {
         "command": "python -m benchmarks.continual --config small",
         "config": {"name": "small", "description": "a hand-made stream", "seeds": [0]},
@@ -189,15 +231,22 @@ def test_markdown_report_shows_methods_targets_and_seeds():
                         "load_average_during_run": {"mean": 3.0, "max": 5.0, "samples": 3}},
         "methods": methods,
         "targets": continual_results.evaluate_targets(methods),
-        "significance": {"note": "Not computed."},
+        "significance": {"max_p": 0.05, "bootstrap": {"resamples": 10_000},
+                         "pairs": {"driftlane vs zero_shot": {
+                             m: test for m in continual_results.TEST_METRICS}}},
         "errors": {"joint/seed0": "RuntimeError: boom"},
     }
     text = continual_report.render_markdown(results)
-    assert "| driftlane | 0.5667 | 0.4667 | 0.4667 | -0.0500 | 30 | 6 | 60 | 3 | 9 | 108 |" \
-        in text
+    assert "| driftlane | 0.5667 | 0.4667 | 0.4667 | -0.0500 |" in text
+    # cost: 2M encoded + 3 x 0.5M trained = 3.5M forward-token equivalents
+    assert "| driftlane | 3.50 | n/a | 2.00 | 1,200 | 10 | 160 | 0.50 | 150 | 99 |" in text
+    assert "| driftlane | 30 | 6 | 60 | 3 | 9 | 108 |" in text  # wall seconds per stage
     assert per_seed["time_s_prefect"]["other"] == pytest.approx(10.0)
     assert "| zero_shot | 0 | 0.5667 |" in text
-    assert "not met" in text and "Not computed." in text
+    # one query +0.5, one tie: mean +25 points, bootstrap interval [0, 50]
+    assert "| driftlane vs zero_shot | 2 | 1 | +25.00 [+0.00, +50.00] |" in text
+    assert "| 1/1/0 |" in text
+    assert "not met" in text and "n/a" in text
     assert "joint/seed0: RuntimeError: boom" in text
     assert "| 02_c | 0.4500 | 0.5500 | 0.7000 |" in text  # driftlane's matrix row
     assert "load average during the run: mean 3.0" in text
@@ -234,13 +283,226 @@ def test_main_stops_with_one_line_when_a_folder_is_missing(absent, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_paired_tests_on_a_toy_run():
+def test_per_query_scores_on_a_toy_run():
     qrels = {"s/1": {"s/a": 1}, "s/2": {"s/b": 1}, "s/3": {"s/a": 1}}
-    good = {"s/1": {"s/a": 1.0, "s/b": 0.5}, "s/2": {"s/b": 1.0}, "s/3": {"s/a": 1.0}}
-    bad = {"s/1": {"s/b": 1.0, "s/a": 0.5}, "s/2": {"s/c": 1.0}, "s/3": {"s/c": 1.0}}
-    out = continual_results.paired_tests(qrels, {"good": good, "bad": bad})
-    assert out["n_queries"] == 3
-    assert out["means"]["good"]["ndcg@10"] == pytest.approx(1.0)
-    pair = out["pairs"]["good vs bad"]["ndcg@10"]
-    assert (pair["w"], pair["t"], pair["l"]) == (3, 0, 0)
-    assert 0.0 <= pair["p_value"] <= 1.0
+    run = {"s/1": {"s/b": 1.0, "s/a": 0.5}, "s/2": {"s/b": 1.0}, "s/3": {"s/c": 1.0}}
+    scores = continual_results.per_query_scores(qrels, run)
+    assert set(scores) == set(continual_results.TEST_METRICS)
+    assert scores["ndcg@10"] == pytest.approx({"s/1": 1 / math.log2(3), "s/2": 1.0,
+                                               "s/3": 0.0})
+    assert scores["success@5"] == {"s/1": 1.0, "s/2": 1.0, "s/3": 0.0}
+
+
+# --- pooled paired tests --------------------------------------------------------------------
+
+
+def test_pooled_paired_test_against_a_hand_computed_example():
+    # a - b per query and seed: q1 -0.1 / +0.1, q2 +0.1 / +0.3, q3 +0.4 / +0.4, so the
+    # per-query differences (means over the seeds) are d = 0.0, 0.2, 0.4
+    b = {"0": {"q1": 0.5, "q2": 0.5, "q3": 0.5}, "1": {"q1": 0.5, "q2": 0.5, "q3": 0.5}}
+    a = {"0": {"q1": 0.4, "q2": 0.6, "q3": 0.9}, "1": {"q1": 0.6, "q2": 0.8, "q3": 0.9}}
+    out = continual_results.pooled_paired_test(a, b)
+    # mean(d) = 0.2, sd(d) = 0.2, t = 0.2 / (0.2 / sqrt(3)) = sqrt(3); with 2 degrees of
+    # freedom the two-sided p-value is 1 - |t| / sqrt(t^2 + 2) = 1 - sqrt(3 / 5)
+    assert out["n_queries"] == 3 and out["seeds"] == ["0", "1"]
+    assert out["mean_difference"] == pytest.approx(0.2)
+    assert (out["mean_a"], out["mean_b"]) == (pytest.approx(0.7), pytest.approx(0.5))
+    assert out["t"] == pytest.approx(math.sqrt(3))
+    assert out["p_value"] == pytest.approx(1 - math.sqrt(3 / 5))  # 0.2254
+    assert out["significant"] is False
+    assert (out["wins"], out["ties"], out["losses"]) == (2, 1, 0)
+    # 3 queries: a resample of one query thrice has probability 1/27 > 2.5%, so the 95%
+    # interval runs from the smallest to the largest difference
+    assert out["ci95"] == pytest.approx([0.0, 0.4])
+    assert continual_results.pooled_paired_test(a, b) == out  # seeded
+
+
+def test_pooled_paired_test_uses_the_seeds_both_ran_and_handles_no_spread():
+    a = {"0": {"q1": 0.9, "q2": 0.7}, "1": {"q1": 0.0, "q2": 0.0}}
+    b = {"0": {"q1": 0.5, "q2": 0.3}}
+    out = continual_results.pooled_paired_test(a, b)
+    assert out["seeds"] == ["0"] and out["mean_difference"] == pytest.approx(0.4)
+    assert out["p_value"] == 0.0 and out["ci95"] == pytest.approx([0.4, 0.4])
+    same = continual_results.pooled_paired_test(b, b)
+    assert same["p_value"] == 1.0 and same["ties"] == 2 and same["ci95"] == [0.0, 0.0]
+
+
+def test_pooled_tests_pair_every_method_baselines_second():
+    one = {"0": {m: {"q": 0.5} for m in continual_results.TEST_METRICS}}
+    scores = {"zero_shot": one, "joint": one, "driftlane": one}
+    pairs = continual_results.pooled_paired_tests(scores)["pairs"]
+    assert list(pairs) == ["joint vs zero_shot", "driftlane vs zero_shot", "driftlane vs joint"]
+    assert set(pairs["driftlane vs joint"]) == set(continual_results.TEST_METRICS)
+
+
+# --- work in load-independent units --------------------------------------------------------
+
+
+def test_tokens_through_windows_by_hand():
+    # 96-token windows with 2 special tokens hold 94 content tokens; stride 94 - 16 = 78.
+    # 200 tokens: [0, 94), [78, 172), [106, 200) -> 3 x 94 + 3 x 2 = 288
+    counts = continual_results.window_token_counts([200, 50, 0, 94, 95], 96, 16, 2)
+    assert counts.tolist() == [288, 52, 2, 96, 192]
+
+
+def test_encoding_and_training_units_and_their_cost():
+    encoded = continual_results.encoding_units(
+        ["d1", "d2", "d3"], [3, 1, 2], {"d1": ("document", 288), "d2": ("query", 12)},
+        window_tokens=96)
+    # d3 is no text of the stream: its 2 windows count 96 tokens each
+    assert encoded == {"texts": 3, "windows": 6, "tokens": 288 + 12 + 2 * 96,
+                       "texts_by_kind": {"document": 1, "query": 1, "other": 1}}
+    trained = continual_results.training_units([
+        {"steps": 3, "batch_size": 16, "tokens_per_example": 200.5},
+        {"steps": 2, "batch_size": 16, "tokens_per_example": 100.0}])
+    assert trained == {"steps": 5, "examples": 80, "tokens": 48 * 200.5 + 32 * 100}
+    work = {"encoded": encoded, "trained": trained}
+    assert continual_results.cost_token_equivalents(work) == 492 + 3 * 12824
+    assert continual_results.cost_token_equivalents({"encoded": encoded, "trained": None}) \
+        is None
+
+
+def test_training_tokens_cut_each_text_and_count_negatives_the_loss_used():
+    from benchmarks.continual_runs import WorkCounter
+
+    class WordTokenizer:  # one token per word
+        def __call__(self, texts, **_):
+            return {"input_ids": [[7] * len(text.split()) for text in texts]}
+
+    counter = object.__new__(WorkCounter)  # no encoder to load
+    counter.tokenizer, counter.n_special = WordTokenizer(), 2
+    examples = pd.DataFrame({"anchor": ["a b c", "a " * 20],
+                             "positive_key": ["s/1", "s/2"], "negative_key": ["s/2", None]})
+    doc_content = {"s/1": 5, "s/2": 30}
+    # cut at 10: anchors 5 and 10, positives 7 and 10, the one negative 10
+    assert counter._tokens_per_example(examples, doc_content, 10, True) == \
+        pytest.approx((5 + 7 + 10 + 10 + 10) / 2)
+    assert counter._tokens_per_example(examples, doc_content, 10, False) == \
+        pytest.approx((5 + 7 + 10 + 10) / 2)
+
+
+def test_aggregate_averages_cpu_seconds_and_work():
+    def run(cpu, tokens):
+        return {"avg_ndcg@10": 0.5, "cpu_s": cpu,
+                "work": {"encoded": {"tokens": tokens, "texts_by_kind": {"document": tokens}},
+                         "trained": {"steps": 2}, "cost_token_equivalents": tokens}}
+
+    out = continual_results.aggregate_seeds({0: run(100.0, 10), 1: run(300.0, 30)})
+    assert out["cpu_s"] == 200.0 and out["std"]["cpu_s"] == pytest.approx(141.42, abs=0.01)
+    assert out["work"] == {"encoded": {"tokens": 20.0, "texts_by_kind": {"document": 20.0}},
+                           "trained": {"steps": 2.0}, "cost_token_equivalents": 20.0}
+    assert continual_results.aggregate_seeds({0: run(1.0, 1), 1: {"cpu_s": 2.0}})["work"] \
+        is None  # a seed without counts: no partial mean
+
+
+# --- what to run: configurations, ad-hoc streams, names --------------------------------------
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    """A datasets folder with scifact, cosqa, cisi, a results folder and a stream folder."""
+    for name in ("scifact", "cosqa", "cisi", "npl_vaswani"):
+        (tmp_path / "datasets" / name).mkdir(parents=True)
+    (tmp_path / "results").mkdir()
+    stream = tmp_path / "my stream!"
+    for name in ("00_a", "01_b"):
+        (stream / name).mkdir(parents=True)
+    (stream / "stream.json").write_text(json.dumps({"sessions": [{"name": "00_a"},
+                                                                 {"name": "01_b"}]}))
+    monkeypatch.setattr(continual, "DEFAULT_OUT_DIR", tmp_path / "results")
+    monkeypatch.setenv("DRIFTLANE_DATASETS", str(tmp_path / "datasets"))
+    return tmp_path
+
+
+def test_a_configuration_run_and_its_subsets(folders):
+    request = continual.request_from_argv(["--config", "medium"])
+    assert not request.ad_hoc and request.bench is continual.CONFIGS["medium"]
+    assert request.stem == "continual_medium" and request.seeds == (0, 1, 2)
+    assert request.methods == tuple(continual.METHODS)
+    assert request.out_dir == folders / "results"
+    assert request.work == (Path.home() / ".cache/driftlane/bench/medium").resolve()
+    subset = continual.request_from_argv(["--methods", "driftlane,zero_shot", "--seeds", "3"])
+    assert subset.methods == ("zero_shot", "driftlane")  # report order
+    assert subset.seeds == (3,) and subset.stem == "continual_small_subset"
+    assert continual.request_from_argv([]).stem == "continual_small"  # `make bench`
+
+
+def test_an_ad_hoc_run_from_collections(folders):
+    mine = folders / "beir" / "my-corpus"
+    mine.mkdir(parents=True)
+    request = continual.request_from_argv(["--config", "medium", "--datasets", "scifact",
+                                           f"{mine}/", "--work", str(folders / "w")])
+    assert request.ad_hoc and request.settings_from == "medium"
+    assert request.bench.name == "scifact-my-corpus" and request.stem == \
+        "continual_scifact-my-corpus"
+    assert request.bench.datasets == ("scifact", f"{mine}/")
+    assert request.bench.session == continual.CONFIGS["medium"].session
+    assert request.bench.docs_per_session == 2000  # cut as the configuration cuts
+    assert request.out_dir == folders / "w"  # the results stay with the run, not in the repo
+    named = continual.request_from_argv(["--datasets", "cosqa,cisi", "--name", "mine",
+                                         "--out-dir", str(folders / "out")])
+    assert named.bench.datasets == ("cosqa", "cisi") and named.stem == "continual_mine"
+    assert named.out_dir == folders / "out" and named.bench.seeds == (0,)
+
+
+def test_an_ad_hoc_run_from_a_stream(folders):
+    request = continual.request_from_argv(["--stream", str(folders / "my stream!")])
+    assert request.bench.stream == str((folders / "my stream!").resolve())
+    assert request.bench.name == "my_stream" and request.bench.datasets == ()
+    assert request.work.name == "my_stream"
+
+
+def test_ad_hoc_names_are_safe_and_bounded():
+    assert continual.ad_hoc_name(["a", "s3://bucket/b/", "~/x y"], None) == "a-b-x_y"
+    long = continual.ad_hoc_name([f"collection_{i}" for i in range(10)], None)
+    assert len(long) == 60 and long.startswith("collection_0-collection_1")
+    assert long != continual.ad_hoc_name([f"collection_{i}" for i in range(11)], None)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--config", "huge"], "--config must be one of small, medium, gpu"),
+    (["--datasets", "cisi", "--stream", "s"], "--datasets and --stream both give the stream"),
+    (["--name", "x"], "--name names an ad-hoc run"),
+    (["--datasets", "cisi", "--name", "small"], "belongs to a configuration's results"),
+    (["--datasets", "cisi", "--name", "a/b"], "use letters, digits"),
+    (["--methods", "driftlane,mir"], "unknown method 'mir'"),
+    (["--datasets", "cisi", "absent"], "has no absent"),
+    (["--datasets", "/no/such/beir"], "no collection folder /no/such/beir"),
+    (["--stream", "STREAM", "--datasets-dir", "d"], "--datasets-dir does not apply"),
+    (["--stream", "DATASETS"], "no stream.json"),
+    (["--stream", "SMALL"], "pass --name"),
+])
+def test_what_cannot_run_is_one_line(folders, argv, message):
+    small = folders / "small"  # a stream folder whose name is a configuration's
+    (small / "00_a").mkdir(parents=True)
+    (small / "stream.json").write_text(json.dumps({"sessions": [{"name": "00_a"}]}))
+    places = {"STREAM": str(folders / "my stream!"), "DATASETS": str(folders / "datasets"),
+              "SMALL": str(small)}
+    with pytest.raises(continual.BenchUsageError) as raised:
+        continual.request_from_argv([places.get(a, a) for a in argv])
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_bench_command_passes_its_options_on(folders, monkeypatch):
+    from typer.testing import CliRunner
+
+    from driftlane.flows.cli import app
+
+    ran = []
+    monkeypatch.setattr(continual, "run_request", lambda request, argv: ran.append(request))
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--config", "medium", "--datasets", "scifact,cosqa",
+                                 "--datasets", "cisi", "--methods", "driftlane",
+                                 "--methods", "zero_shot", "--seeds", "1", "--seeds", "2",
+                                 "--work", str(folders / "w"), "--resume"])
+    assert result.exit_code == 0, result.output
+    (request,) = ran
+    assert request.bench.datasets == ("scifact", "cosqa", "cisi")
+    assert request.stem == "continual_scifact-cosqa-cisi" and request.settings_from == "medium"
+    assert request.methods == ("zero_shot", "driftlane") and request.seeds == (1, 2)
+    assert request.resume and request.work == folders / "w"
+
+    result = runner.invoke(app, ["bench", "--datasets", "cisi", "--stream", "s"])
+    assert result.exit_code == 2 and not ran[1:]
+    assert result.output.strip().splitlines() == [
+        "error: --datasets and --stream both give the stream; pass one"]
