@@ -119,6 +119,25 @@ def test_missing_session_folder_is_rejected_at_once(tmp_path, published):
     assert not (tmp_path / "s").exists()
 
 
+def test_far_future_lock_is_stale_and_the_run_goes_on(tmp_path, published):
+    """A `.lock` expiring a day from now (a hand edit, a clock far ahead) would block the store
+    until then: the run treats it as stale, says so naming the holder, and publishes."""
+    import json
+
+    store = copy_store(published, tmp_path)
+    now = time.time()
+    record = {"host": "elsewhere", "pid": 4242, "label": "skewed run", "token": "t",
+              "acquired_at": now, "expires_at": now + 86400, "lease_seconds": 60.0,
+              "released": False, "unique": ".lock.elsewhere.4242.x"}
+    (store / ".lock").write_text(json.dumps(record).ljust(2047) + "\n")
+    result = cli("run-session", str(published["beta"]), "--store", str(store), "--config",
+                 str(published["config"]), scratch=tmp_path / "scratch")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "treating it as stale" in result.stderr and "skewed run" in result.stderr
+    assert "beta: published as session #1" in result.stdout
+    assert not (store / ".lock").exists()
+
+
 @pytest.mark.parametrize("case", MALFORMED, ids=[c.id for c in MALFORMED])
 def test_malformed_session_ends_in_one_line(tmp_path, published, case):
     import re

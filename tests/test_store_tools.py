@@ -95,6 +95,8 @@ def test_gc_frees_the_stale_cache_and_the_store_keeps_working(tmp_path, three_se
     assert cli("verify", "--store", str(store_dir)).exit_code == 0
     shown = cli("show", "--store", str(store_dir))
     assert shown.exit_code == 0 and "3 session(s)" in shown.stdout
+    found = cli("search", "--store", str(store_dir), "sourdough starter", "-k", "3")
+    assert found.exit_code == 0 and found.stdout.strip(), found.stdout
     summary = session_flow(str(three_sessions["next"]), str(store_dir), CONFIG)
     assert summary["status"] == "published" and summary["index"] == 3
 
