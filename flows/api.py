@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import fsspec
@@ -45,7 +45,8 @@ from driftlane.tasks.publishing import previous_model
 from driftlane.tasks.search import augment_database, encode_queries, search_queries
 from driftlane.tasks.session_files import SessionFormatError
 
-__all__ = ["SearchableStore", "export_model", "open_store", "read_query_file"]
+__all__ = ["SearchableStore", "SessionEncoder", "export_model", "open_store", "read_query_file",
+           "session_encoder"]
 
 SNIPPET_CHARS = 120
 Options = NeighbourAveraging | dict[str, Any] | None
@@ -150,20 +151,7 @@ def open_store(url: str, session: int | str | None = None, *, device: str | None
     store = Store(url)
     if not store.exists():
         raise StoreError(f"{store.url}: no driftlane store here (no store.json)")
-    manifests = store.sessions()
-    if not manifests:
-        raise StoreError(f"{store.url}: no published session yet; nothing to search")
-    position = _session_position(store, manifests, session)
-    manifest = manifests[position]
-    try:
-        config = SessionConfig.model_validate(store.read_json(manifest, "config.json"))
-    except ValidationError as exc:
-        raise StoreError(f"{store.session_url(manifest, 'config.json')}: not a config this "
-                         f"version of driftlane reads ({exc.errors()[0]['msg']})") from None
-    model_path, origin = _session_model(store, manifests[:position + 1], config)
-    embedding = config.embedding.model_copy(update={
-        "model": model_path, "keep_token_embeddings": False,
-        "device": device or config.embedding.device})
+    manifest, config, embedding, origin = session_encoder(store, session, device=device)
     evaluation = config.evaluation.model_copy(update={
         "query_expansion": _options(query_expansion, config.evaluation.query_expansion),
         "database_augmentation": _options(database_augmentation,
@@ -177,6 +165,38 @@ def open_store(url: str, session: int | str | None = None, *, device: str | None
     ids = ids.assign(doc_id=ids["doc_id"].astype(str))[["session", "doc_id"]]
     return SearchableStore(store=store, manifest=manifest, embedding=embedding,
                            evaluation=evaluation, model_origin=origin, index=index, ids=ids)
+
+
+class SessionEncoder(NamedTuple):
+    """A published session, its config, and its encoder (see `session_encoder`)."""
+
+    manifest: SessionManifest
+    config: SessionConfig
+    embedding: EmbeddingConfig  # model: the encoder's local folder; token embeddings off
+    origin: str  # "model of session <name>" or "base model <path>"
+
+
+def session_encoder(store: Store, session: int | str | None = None, *,
+                    device: str | None = None) -> SessionEncoder:
+    """`session` of `store` (its index #N or name; None: the latest), its config, and the
+    encoder it published with its embedding settings (`device`: default the session's).
+    Reads the manifests and the session's config.json only (a remote model is copied to
+    local scratch once); writes nothing to the store."""
+    manifests = store.sessions()
+    if not manifests:
+        raise StoreError(f"{store.url}: no published session yet")
+    position = _session_position(store, manifests, session)
+    manifest = manifests[position]
+    try:
+        config = SessionConfig.model_validate(store.read_json(manifest, "config.json"))
+    except ValidationError as exc:
+        raise StoreError(f"{store.session_url(manifest, 'config.json')}: not a config this "
+                         f"version of driftlane reads ({exc.errors()[0]['msg']})") from None
+    model_path, origin = _session_model(store, manifests[:position + 1], config)
+    embedding = config.embedding.model_copy(update={
+        "model": model_path, "keep_token_embeddings": False,
+        "device": device or config.embedding.device})
+    return SessionEncoder(manifest, config, embedding, origin)
 
 
 def _session_position(store: Store, manifests: list[SessionManifest],

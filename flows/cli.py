@@ -340,7 +340,7 @@ def bench(
 
 
 # Commands defined in their own modules register themselves on `app` when imported.
-from driftlane.flows import cli_model, cli_store  # noqa: E402,F401
+from driftlane.flows import cli_clusters, cli_model, cli_store  # noqa: E402,F401
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -21,6 +21,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from driftlane.infra.caching import cache_key_for, stage_output_dir
+from driftlane.infra.store import normalize_url
 from driftlane.tasks.session_files import (
     SessionFile,
     SessionFormatError,
@@ -31,7 +32,8 @@ from driftlane.tasks.session_files import (
 from driftlane.tasks.stage_results import IngestedSession
 
 __all__ = [
-    "SessionData", "SessionFormatError", "ingest_session", "read_session", "validate_session",
+    "SessionData", "SessionFormatError", "ingest_session", "read_corpus_file", "read_session",
+    "validate_session",
 ]
 
 QRELS_HEADER = "query-id\tcorpus-id\tscore"
@@ -74,6 +76,21 @@ def validate_session(url: str | os.PathLike[str],
     it persists anything, without holding the corpus in memory.
     """
     return _read(url, keep_content=False, max_document_chars=max_document_chars)
+
+
+def read_corpus_file(url: str | os.PathLike[str],
+                     max_document_chars: int = MAX_DOCUMENT_CHARS) -> pd.DataFrame:
+    """Read and validate one corpus file outside a session folder (``{"_id","title","text"}``
+    lines, gzipped when its name ends in ``.gz``) by a session corpus's rules: doc_id, title,
+    text in file order. Raises SessionFormatError naming the file and line."""
+    url = normalize_url(os.fspath(url))
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.isfile(path):
+        raise SessionFormatError(url, None, "is not a file" if fs.exists(path) else "no such file")
+    corpus = SessionFile("corpus.jsonl", url, path, gzipped=url.endswith(".gz"))
+    layout = SessionLayout(_basename(url), url, fs, corpus, queries=None, qrels={})
+    frame, _ = _read_corpus(layout, hashlib.sha256(), True, max_document_chars)
+    return frame
 
 
 def _read(url: str | os.PathLike[str], keep_content: bool, max_document_chars: int):

@@ -3,9 +3,11 @@
 The state is plain arrays and tables: the memory table, dense vectors, float16 token embeddings
 of the memory documents as one ragged array (every document's rows stacked, plus offsets; see
 `split_tokens`, `take_ragged`, `concat_ragged`), centroids, statistics, every document's cluster
-id, cluster prototypes and cluster sizes per session. `save_memory_state` writes it into a local
-folder (parquet, npy without pickle, JSON), `load_memory_state` reads it from any fsspec URL, and
-`plot_cluster_sizes` draws the cluster sizes across sessions.
+id, cluster prototypes, cluster sizes per session and how many documents' cluster ids each
+session changed. `save_memory_state` writes it into a local folder (parquet, npy without
+pickle, JSON), `load_memory_state` reads it from any fsspec URL (`load_centroids` only what
+placing new documents needs), and `plot_cluster_sizes` draws the cluster sizes and the share of
+changed ids across sessions.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from driftlane.infra.io import read_npy, read_parquet
 from driftlane.tasks.memory import CentroidTable
 from driftlane.tasks.prototypes import PrototypeSpec, load_prototype_spec, save_prototype_spec
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: id_history
+ID_HISTORY_COLUMNS = ("session", "n_assigned_before", "n_changed")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,9 @@ class MemoryState:
     space; stats: per-cluster count/mean/std; assignments: every document seen (doc_key,
     cluster_id, session); prototype_sums (next_cluster_id, D) float64 and prototype_counts
     (next_cluster_id,) int64, indexed by stable id; size_history: (session, cluster_id,
-    n_documents) after every session so far.
+    n_documents) after every session so far; id_history: (session, n_assigned_before,
+    n_changed) per session: of the documents assigned before the session, how many it gave
+    another cluster id (the ID stability downstream models rely on).
     """
 
     memory: pd.DataFrame
@@ -48,6 +53,7 @@ class MemoryState:
     prototype_sums: np.ndarray
     prototype_counts: np.ndarray
     size_history: pd.DataFrame
+    id_history: pd.DataFrame
     next_cluster_id: int
     seen: int
     representation: str
@@ -80,7 +86,14 @@ def concat_ragged(a: tuple[np.ndarray, np.ndarray],
 # --- saving and loading (parquet, npy without pickle, JSON; any fsspec URL) ---
 
 _ARRAYS = ("vectors", "tokens", "token_offsets", "prototype_sums", "prototype_counts")
-_TABLES = ("memory", "stats", "assignments", "size_history")
+_TABLES = ("memory", "stats", "assignments", "size_history", "id_history")
+
+
+def empty_id_history() -> pd.DataFrame:
+    """An id history with no session yet, with the `ID_HISTORY_COLUMNS` dtypes."""
+    return pd.DataFrame({"session": pd.Series(dtype=str),
+                         "n_assigned_before": pd.Series(dtype=np.int64),
+                         "n_changed": pd.Series(dtype=np.int64)})
 
 
 def save_memory_state(folder: Path, state: MemoryState, spec: PrototypeSpec,
@@ -101,27 +114,61 @@ def save_memory_state(folder: Path, state: MemoryState, spec: PrototypeSpec,
     save_prototype_spec(str(folder / "prototypes"), spec, planes)
 
 
-def load_memory_state(url: str) -> tuple[MemoryState, PrototypeSpec, dict[str, np.ndarray]]:
-    """Read what `save_memory_state` wrote, from any fsspec URL."""
-    url = url.rstrip("/")
+@dataclass(frozen=True)
+class SavedCentroids:
+    """What placing a new document needs from a saved state: the centroids, the
+    representation they live in (dense or prototypes), the prototype spec and hyperplanes."""
+
+    centroids: CentroidTable
+    representation: str
+    spec: PrototypeSpec
+    planes: dict[str, np.ndarray]
+
+
+def _read_meta(url: str) -> dict:
     with fsspec.open(f"{url}/state.json", "r") as f:
         meta = json.load(f)
-    if meta.get("format") != STATE_FORMAT:
+    if meta.get("format") not in (1, STATE_FORMAT):
         raise ValueError(f"{url}: memory state format {meta.get('format')}, "
-                         f"this code reads format {STATE_FORMAT}")
-    arrays = {name: read_npy(f"{url}/{name}.npy") for name in _ARRAYS}
-    tables = {name: read_parquet(f"{url}/{name}.parquet") for name in _TABLES}
+                         f"this code reads formats 1 to {STATE_FORMAT}")
+    return meta
+
+
+def load_centroids(url: str) -> SavedCentroids:
+    """The centroids of the state at `url` (any fsspec URL), without its members, tokens or
+    assignment table."""
+    url = url.rstrip("/")
+    meta = _read_meta(url)
     centroids = CentroidTable(read_npy(f"{url}/centroid_ids.npy"),
                               read_npy(f"{url}/centroids.npy"))
     spec, planes = load_prototype_spec(f"{url}/prototypes")
-    state = MemoryState(**arrays, **tables, centroids=centroids,
+    return SavedCentroids(centroids, meta["representation"], spec, planes)
+
+
+def load_memory_state(url: str) -> tuple[MemoryState, PrototypeSpec, dict[str, np.ndarray]]:
+    """Read what `save_memory_state` wrote, from any fsspec URL."""
+    url = url.rstrip("/")
+    meta = _read_meta(url)
+    arrays = {name: read_npy(f"{url}/{name}.npy") for name in _ARRAYS}
+    # format 1 kept no id history: it starts with the next session
+    tables = {name: (empty_id_history() if name == "id_history" and meta["format"] == 1
+                     else read_parquet(f"{url}/{name}.parquet")) for name in _TABLES}
+    saved = load_centroids(url)
+    state = MemoryState(**arrays, **tables, centroids=saved.centroids,
                         next_cluster_id=int(meta["next_cluster_id"]), seen=int(meta["seen"]),
                         representation=meta["representation"], budget=int(meta["budget"]))
-    return state, spec, planes
+    return state, saved.spec, saved.planes
 
 
-def plot_cluster_sizes(size_history: pd.DataFrame, path: Path) -> None:
-    """A PNG of cluster sizes across sessions: one stacked bar per session, one colour per id."""
+def plot_cluster_sizes(size_history: pd.DataFrame, path: Path,
+                       id_history: pd.DataFrame | None = None) -> None:
+    """A PNG of cluster sizes across sessions: one stacked bar per session, one colour per id.
+
+    With `id_history`, a second panel under it, session for session: the share of the
+    documents assigned before each session whose cluster id that session changed, with the
+    counts (n/a where none was assigned before: the first session, or sessions before the
+    history was kept).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,16 +176,43 @@ def plot_cluster_sizes(size_history: pd.DataFrame, path: Path) -> None:
 
     table = size_history.pivot_table(index="session", columns="cluster_id",
                                      values="n_documents", aggfunc="sum", sort=False).fillna(0)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(table)), 4.0))
+    width = max(4.0 if id_history is None else 6.0, 1.2 * len(table))
+    if id_history is None:
+        fig, ax = plt.subplots(figsize=(width, 4.0))
+        bottom_ax = ax
+    else:
+        fig, (ax, bottom_ax) = plt.subplots(2, 1, sharex=True, figsize=(width, 6.0),
+                                            height_ratios=(2, 1))
+        _plot_id_changes(bottom_ax, id_history, list(table.index))
     bottom = np.zeros(len(table))
     cmap = plt.get_cmap("tab20")
     for i, cluster_id in enumerate(table.columns):
         values = table[cluster_id].to_numpy(float)
         ax.bar(range(len(table)), values, bottom=bottom, color=cmap(i % 20), width=0.7)
         bottom += values
-    ax.set_xticks(range(len(table)), [str(s) for s in table.index], rotation=30, ha="right")
+    bottom_ax.set_xticks(range(len(table)), [str(s) for s in table.index], rotation=30,
+                         ha="right")
     ax.set_ylabel("documents")
     ax.set_title(f"cluster sizes across sessions ({len(table.columns)} cluster ids)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_id_changes(ax, id_history: pd.DataFrame, sessions: list[str]) -> None:
+    """Bars of the share (%) of earlier documents whose cluster id each session changed."""
+    history = id_history.drop_duplicates("session", keep="last").set_index("session")
+    history = history.reindex(sessions)
+    before = history["n_assigned_before"].to_numpy(np.float64)  # NaN: no row for the session
+    changed = history["n_changed"].to_numpy(np.float64)
+    known = before > 0
+    percent = np.where(known, 100.0 * changed / np.where(known, before, 1.0), 0.0)
+    ax.bar(range(len(sessions)), percent, color="tab:red", width=0.7)
+    top = max(1.0, float(percent.max(initial=0.0)))
+    for x, (ok, p, n, of) in enumerate(zip(known, percent, changed, before, strict=True)):
+        label = f"{int(n):,} of {int(of):,}" if ok else "n/a"
+        ax.annotate(label, (x, p), xytext=(0, 2), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.25 * top)
+    ax.set_ylabel("ids changed (%)")
+    ax.set_title("cluster ids changed, of the documents assigned before", fontsize=10)

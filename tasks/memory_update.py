@@ -18,7 +18,9 @@ new documents, and returns the next state:
 Every document ever seen keeps a row in the assignment table (doc_key, cluster_id, session),
 which `driftlane export-clusters` writes for downstream models. Documents outside memory keep
 the id they were given; after a re-cluster that id may belong to a retired cluster, which is
-still never reused.
+still never reused. How many of the documents assigned before a session that session gave
+another id (`id_changes`; only a re-cluster can) goes into the report and the state's
+`id_history`, the ID-stability figure downstream models watch.
 
 Cluster prototypes (SimHash encodings of token embeddings, `tasks.prototypes`) are running
 sums indexed by stable cluster id over every document assigned to the cluster; eviction does
@@ -54,7 +56,13 @@ from driftlane.tasks.memory import (
     refresh_memory,
     statistics_from_distances,
 )
-from driftlane.tasks.memory_state import MemoryState, concat_ragged, split_tokens, take_ragged
+from driftlane.tasks.memory_state import (
+    MemoryState,
+    concat_ragged,
+    empty_id_history,
+    split_tokens,
+    take_ragged,
+)
 from driftlane.tasks.prototypes import (
     PrototypeSpec,
     add_members,
@@ -145,6 +153,33 @@ def _size_history(previous: pd.DataFrame | None, assignments: pd.DataFrame,
     return rows if previous is None else pd.concat([previous, rows], ignore_index=True)
 
 
+def id_changes(previous: pd.DataFrame, assignments: pd.DataFrame) -> int:
+    """How many documents of the `previous` assignment table have another cluster id in
+    `assignments` (both doc_key, cluster_id; every previous document must be in it)."""
+    n = len(previous)
+    old_keys = previous["doc_key"].to_numpy(object)
+    new_ids = assignments["cluster_id"].to_numpy(np.int64)
+    head = assignments["doc_key"].to_numpy(object)[:n]
+    if len(head) < n or not (head == old_keys).all():
+        # the update keeps previous rows first and in order; look keys up otherwise
+        rows = pd.Index(assignments["doc_key"]).get_indexer(old_keys)
+        if (rows < 0).any():
+            missing = old_keys[rows < 0][:5].tolist()
+            raise ValueError(f"documents missing from the new assignments: {missing}")
+        new_ids = new_ids[rows]
+    return int((new_ids[:n] != previous["cluster_id"].to_numpy(np.int64)).sum())
+
+
+def _id_history(previous: MemoryState | None, assignments: pd.DataFrame,
+                session: str) -> pd.DataFrame:
+    history = previous.id_history if previous is not None else empty_id_history()
+    before = previous.assignments if previous is not None else assignments.iloc[:0]
+    row = pd.DataFrame({"session": pd.Series([session], dtype=str),
+                        "n_assigned_before": np.array([len(before)], np.int64),
+                        "n_changed": np.array([id_changes(before, assignments)], np.int64)})
+    return row if not len(history) else pd.concat([history, row], ignore_index=True)
+
+
 def update_memory(previous: MemoryState | None, new: NewDocuments, config: MemoryConfig,
                   spec: PrototypeSpec, planes: dict[str, np.ndarray],
                   session: str) -> MemoryUpdate:
@@ -215,8 +250,8 @@ def update_memory(previous: MemoryState | None, new: NewDocuments, config: Memor
     all_tokens = concat_ragged((previous.tokens, previous.token_offsets),
                                (new.tokens, new.token_offsets))
     state = _kept_state(eviction, all_vectors, all_tokens, centroids, final_stats,
-                        assignments, sums, counts, previous.size_history,
-                        assignment.next_cluster_id, config, representation, session)
+                        assignments, sums, counts, previous, assignment.next_cluster_id,
+                        config, representation, session)
     candidate_space = np.concatenate([prev_space, new_space])
     report = _report(candidate_space, candidates, opened, eviction, state, config, m)
     return MemoryUpdate(state, report, notes)
@@ -306,8 +341,8 @@ def _warm_up(previous: MemoryState | None, new: NewDocuments, new_space: np.ndar
     all_vectors = np.concatenate([old_vectors, new.vectors]).astype(np.float32)
     all_tokens = concat_ragged(old_tokens, (new.tokens, new.token_offsets))
     state = _kept_state(eviction, all_vectors, all_tokens, centroids, stats, assignments,
-                        sums, counts, previous.size_history if previous is not None else None,
-                        next_id, config, config.representation.value, session)
+                        sums, counts, previous, next_id, config, config.representation.value,
+                        session)
     report = _report(space, candidates, opened, eviction, state, config, len(new.doc_keys))
     report["warmup"] = {"k": result.k, "reason": result.reason,
                         "silhouette_by_k": {str(k): v for k, v in
@@ -317,16 +352,18 @@ def _warm_up(previous: MemoryState | None, new: NewDocuments, new_space: np.ndar
 
 def _kept_state(eviction: Any, all_vectors: np.ndarray, all_tokens: tuple[np.ndarray, np.ndarray],
                 centroids: CentroidTable, stats: pd.DataFrame, assignments: pd.DataFrame,
-                sums: np.ndarray, counts: np.ndarray, size_history: pd.DataFrame | None,
+                sums: np.ndarray, counts: np.ndarray, previous: MemoryState | None,
                 next_id: int, config: MemoryConfig, representation: str,
                 session: str) -> MemoryState:
     kept = eviction.kept_rows
+    size_history = previous.size_history if previous is not None else None
     tokens, offsets = take_ragged(*all_tokens, kept)
     return MemoryState(
         memory=eviction.memory, vectors=all_vectors[kept], tokens=tokens.astype(np.float16),
         token_offsets=offsets, centroids=centroids, stats=stats,
         assignments=assignments.reset_index(drop=True), prototype_sums=sums,
         prototype_counts=counts, size_history=_size_history(size_history, assignments, session),
+        id_history=_id_history(previous, assignments, session),
         next_cluster_id=int(next_id), seen=int(eviction.seen), representation=representation,
         budget=config.budget)
 
@@ -338,6 +375,8 @@ def _report(space: np.ndarray, candidates: pd.DataFrame, opened: np.ndarray, evi
                             new_cluster_ids=opened.tolist(),
                             n_evicted=len(eviction.evicted_doc_keys))
     sizes = state.assignments.groupby("cluster_id").size()
+    ids = state.id_history.iloc[-1]
+    before, changed = int(ids["n_assigned_before"]), int(ids["n_changed"])
     report.update({
         "n_clusters": len(state.centroids),
         "n_new_documents": n_new,
@@ -346,6 +385,10 @@ def _report(space: np.ndarray, candidates: pd.DataFrame, opened: np.ndarray, evi
         "eviction": config.eviction.value,
         "representation": state.representation,
         "sizes_all_documents": {int(k): int(v) for k, v in sizes.items()},
+        # ID stability: of the documents assigned before this session, how many it moved
+        "n_assigned_before": before,
+        "id_changed": changed,
+        "id_changed_share": changed / before if before else None,
     })
     return report
 

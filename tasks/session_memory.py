@@ -3,7 +3,8 @@
 `update_session_memory` reads the session's documents, their embeddings and the previous memory
 state, runs `update_memory` (warm-up or streaming update) and writes the next state
 (`tasks.memory_state`), a cluster report (JSON and a Prefect table artifact) and a PNG of cluster
-sizes across sessions. `reembed_memory` re-embeds the memory documents with a new model.
+sizes across sessions, with the share of earlier documents whose cluster id each session
+changed under it (ID stability). `reembed_memory` re-embeds the memory documents with a new model.
 `MEMORY_VERSION` is part of both tasks' cache keys, and the cache does not see changes in the
 modules these tasks call.
 """
@@ -35,7 +36,7 @@ from driftlane.tasks.stage_results import (
 )
 from driftlane.tasks.texts import doc_texts_of
 
-MEMORY_VERSION = "3"  # 3: re-cluster ids matched on the old memory only
+MEMORY_VERSION = "4"  # 4: ID stability (id_history, id_changed_share, second panel)
 
 
 def prototype_spec_for(config: PrototypeConfig, dim: int) -> PrototypeSpec:
@@ -49,7 +50,7 @@ def prototype_spec_for(config: PrototypeConfig, dim: int) -> PrototypeSpec:
 def _report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     keys = ("n_clusters", "n_new_clusters", "new_clusters", "n_new_documents", "evictions",
             "memory_size", "memory_budget", "silhouette", "davies_bouldin", "calinski_harabasz",
-            "dunn", "wcss", "reason")
+            "dunn", "wcss", "n_assigned_before", "id_changed", "id_changed_share", "reason")
     return [{"measure": k, "value": json.dumps(report.get(k))} for k in keys]
 
 
@@ -86,7 +87,8 @@ def update_session_memory(session_name: str, ingested: IngestedSession,
     clusters = update.state.assignments
     (out / "cluster_report.json").write_text(json.dumps(update.report, indent=2,
                                                          sort_keys=True))
-    plot_cluster_sizes(update.state.size_history, out / "cluster_sizes.png")
+    plot_cluster_sizes(update.state.size_history, out / "cluster_sizes.png",
+                       update.state.id_history)
     create_table_artifact(
         key=artifact_key(f"cluster report {session_name}"), table=_report_table(update.report),
         description=f"Cluster report after session {session_name}")

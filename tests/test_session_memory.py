@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,7 +15,7 @@ from driftlane.tasks.memory_state import (
     save_memory_state,
     take_ragged,
 )
-from driftlane.tasks.memory_update import NewDocuments, update_memory
+from driftlane.tasks.memory_update import NewDocuments, id_changes, update_memory
 from driftlane.tasks.prototypes import PrototypeSpec, make_hyperplanes
 
 DIM = 16
@@ -158,11 +160,11 @@ def test_save_and_load_round_trip(tmp_path):
     assert spec == SPEC
     for name in ("vectors", "tokens", "token_offsets", "prototype_sums", "prototype_counts"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(state, name))
-    for name in ("memory", "stats", "assignments", "size_history"):
+    for name in ("memory", "stats", "assignments", "size_history", "id_history"):
         pd.testing.assert_frame_equal(getattr(loaded, name), getattr(state, name))
     np.testing.assert_array_equal(loaded.centroids.vectors, state.centroids.vectors)
     assert (loaded.next_cluster_id, loaded.seen) == (state.next_cluster_id, state.seen)
-    plot_cluster_sizes(state.size_history, tmp_path / "sizes.png")
+    plot_cluster_sizes(state.size_history, tmp_path / "sizes.png", state.id_history)
     assert (tmp_path / "sizes.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -183,3 +185,62 @@ def test_recluster_with_many_new_documents_in_one_topic_keeps_its_id():
     topic0 = ids_before.loc["s0/0"]
     assert (after[after.index.str.startswith("s1/")] == topic0).all()
     assert update.state.next_cluster_id == first.next_cluster_id  # no fresh id issued
+
+
+# --- ID stability: how many earlier documents a session gave another cluster id ---
+
+
+def test_an_ordinary_session_changes_no_id():
+    first = update_memory(None, documents("s0", [0, 1, 2], 20, seed=1), config(), SPEC,
+                          PLANES, "s0")
+    assert first.report["n_assigned_before"] == first.report["id_changed"] == 0
+    assert first.report["id_changed_share"] is None  # nothing was assigned before
+    second = update_memory(first.state, documents("s1", [1, 4], 20, seed=2), config(), SPEC,
+                           PLANES, "s1")
+    assert second.report["id_changed_share"] == 0.0
+    assert second.report["n_assigned_before"] == 60
+    assert second.state.id_history.to_dict("list") == {
+        "session": ["s0", "s1"], "n_assigned_before": [0, 60], "n_changed": [0, 0]}
+
+
+def test_a_recluster_that_moves_documents_reports_the_share_it_changed():
+    first = update_memory(None, documents("s0", [0, 1, 2, 3], 20, seed=3), config(budget=100),
+                          SPEC, PLANES, "s0").state
+    empty = NewDocuments(np.array([], dtype=str), np.zeros((0, DIM), np.float32),
+                         np.zeros((0, DIM), np.float16), np.zeros(1, np.int64))
+    # four topics forced into two clusters: two topics' documents must change id
+    update = update_memory(first, empty, config(budget=100, recluster=True, k_min=2, k_max=2),
+                           SPEC, PLANES, "s1")
+    merged = first.assignments.merge(update.state.assignments, on="doc_key")
+    changed = int((merged["cluster_id_x"] != merged["cluster_id_y"]).sum())
+    assert changed >= 20
+    assert update.report["id_changed"] == changed
+    assert update.report["n_assigned_before"] == 80
+    assert update.report["id_changed_share"] == pytest.approx(changed / 80)
+    last = update.state.id_history.iloc[-1]
+    assert (last["session"], last["n_assigned_before"], last["n_changed"]) == ("s1", 80, changed)
+
+
+def test_id_changes_looks_documents_up_by_key():
+    previous = pd.DataFrame({"doc_key": ["a", "b", "c"], "cluster_id": [1, 2, 3]})
+    shuffled = pd.DataFrame({"doc_key": ["d", "c", "a", "b"], "cluster_id": [9, 3, 5, 2]})
+    assert id_changes(previous, shuffled) == 1  # "a" moved from 1 to 5
+    with pytest.raises(ValueError, match="missing"):
+        id_changes(previous, shuffled.iloc[:2])
+
+
+def test_a_format_1_state_loads_with_an_empty_id_history(tmp_path):
+    state = update_memory(None, documents("s0", [0, 1], 20, seed=8), config(), SPEC, PLANES,
+                          "s0").state
+    folder = tmp_path / "memory"
+    save_memory_state(folder, state, SPEC, PLANES)
+    meta = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**meta, "format": 1}))
+    (folder / "id_history.parquet").unlink()
+    loaded, _, _ = load_memory_state(str(folder))
+    assert len(loaded.id_history) == 0
+    # the next session starts the history, and the plot marks the sessions before it n/a
+    nxt = update_memory(loaded, documents("s1", [0], 5, seed=9), config(), SPEC, PLANES, "s1")
+    assert nxt.state.id_history["session"].tolist() == ["s1"]
+    plot_cluster_sizes(nxt.state.size_history, tmp_path / "sizes.png", nxt.state.id_history)
+    assert (tmp_path / "sizes.png").read_bytes()[:4] == b"\x89PNG"
