@@ -41,7 +41,7 @@ from driftlane.infra.config import (
 from driftlane.infra.io import read_parquet
 from driftlane.infra.store import DamagedStore, SessionManifest, Store, StoreError
 from driftlane.tasks.models import local_model_folder, model_version, resolve_model_path
-from driftlane.tasks.publishing import previous_model
+from driftlane.tasks.publishing import MODEL_WEIGHTS, previous_model
 from driftlane.tasks.search import augment_database, encode_queries, search_queries
 from driftlane.tasks.session_files import SessionFormatError
 
@@ -217,6 +217,10 @@ def _session_model(store: Store, manifests: list[SessionManifest],
     manifest = manifests[-1]
     trained = previous_model(store, manifests)
     if trained is not None:
+        owner = next(m for m in manifests if m.name == trained.session)
+        if MODEL_WEIGHTS in store.removed_files(owner):
+            raise StoreError(f"{store.session_url(owner, 'model')}: this encoder was removed by "
+                             "`driftlane gc --keep-models`; use a later session (--session)")
         try:
             folder = local_model_folder(trained.url, trained.version, scratch_for(store, None))
         except ValueError as exc:  # the files digest to another version

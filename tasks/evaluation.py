@@ -248,8 +248,8 @@ def report_markdown(session_name: str, summary: dict, cluster: dict | None,
     if cluster is not None:
         lines += ["", "## Clusters", ""]
         for key in ("n_clusters", "n_new_clusters", "evictions", "memory_size",
-                    "memory_budget", "silhouette", "davies_bouldin", "calinski_harabasz",
-                    "dunn", "wcss"):
+                    "memory_budget", "id_changed_share", "silhouette", "davies_bouldin",
+                    "calinski_harabasz", "dunn", "wcss"):
             lines.append(f"- {key}: {cluster.get(key)}")
     lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.1f}" for k, v in timings.items()]
     return "\n".join(lines) + "\n"

@@ -97,6 +97,8 @@ def test_gc_frees_the_stale_cache_and_the_store_keeps_working(tmp_path, three_se
     assert shown.exit_code == 0 and "3 session(s)" in shown.stdout
     found = cli("search", "--store", str(store_dir), "sourdough starter", "-k", "3")
     assert found.exit_code == 0 and found.stdout.strip(), found.stdout
+    gone = cli("search", "--store", str(store_dir), "--session", "0", "sourdough starter")
+    assert gone.exit_code == 2 and "removed by `driftlane gc" in gone.stderr, gone.stderr
     summary = session_flow(str(three_sessions["next"]), str(store_dir), CONFIG)
     assert summary["status"] == "published" and summary["index"] == 3
 
