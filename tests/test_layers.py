@@ -22,22 +22,26 @@ FORBIDDEN = {
 ENTRY_POINTS = {"flows/cli.py"}
 
 
+def imported_modules(source: str) -> list[str]:
+    """Every module a source imports by absolute name, lazy imports inside functions too."""
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
 def imported_layers(source: str) -> set[str]:
     """The project layers a module's source imports (as `x.y` or `driftlane.x.y`)."""
     layers = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "driftlane":
-                parts = parts[1:]
-            if parts and parts[0] in LAYERS:
-                layers.add(parts[0])
+    for name in imported_modules(source):
+        parts = name.split(".")
+        if parts[0] == "driftlane":
+            parts = parts[1:]
+        if parts and parts[0] in LAYERS:
+            layers.add(parts[0])
     return layers
 
 

@@ -59,8 +59,9 @@ def _requirement_name(requirement: str) -> str:
 def test_every_imported_package_is_declared():
     """A module of flows/, tasks/ or infra/ imports only the standard library, the project
     and declared dependencies (extras included), so a fresh install cannot miss one."""
-    import ast
     from importlib.metadata import packages_distributions
+
+    from test_layers import imported_modules
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = {_requirement_name(r) for r in project["dependencies"]}
@@ -70,20 +71,13 @@ def test_every_imported_package_is_declared():
     missing = set()
     for path in sorted(p for layer in ("flows", "tasks", "infra")
                        for p in (REPO / layer).glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
+        for name in imported_modules(path.read_text()):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top in ("driftlane", "flows", "tasks",
+                                                        "infra", "benchmarks"):
                 continue
-            for name in names:
-                top = name.split(".")[0]
-                if top in sys.stdlib_module_names or top in ("driftlane", "flows", "tasks",
-                                                            "infra", "benchmarks"):
-                    continue
-                dists = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
-                if not dists & declared:
-                    missing.add(f"{path.relative_to(REPO)}: {top} ({', '.join(sorted(dists))})")
+            dists = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+            if not dists & declared:
+                missing.add(f"{path.relative_to(REPO)}: {top} ({', '.join(sorted(dists))})")
     assert not missing, "imported but not declared in pyproject.toml:\n" + "\n".join(
         sorted(missing))
