@@ -8,7 +8,6 @@ is embedded once per encoder however many sessions and stages see it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import uuid
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from driftlane.infra.config import ChunkingConfig
-from driftlane.infra.io import naming_path
+from driftlane.infra.io import write_fs_atomically
 
 __all__ = ["EMBEDDING_ALGORITHM_VERSION", "EmbeddedTexts", "EmbeddingCache"]
 
@@ -186,16 +185,7 @@ class EmbeddingCache:
                 slots[position] = rows_read.copy()
 
     def _write_atomic(self, path: str, write: Callable[[IO[bytes]], None]) -> None:
-        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with naming_path(self.fs.unstrip_protocol(path)):
-                with self.fs.open(temporary, "wb") as handle:
-                    write(handle)
-                self.fs.mv(temporary, path)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.fs.rm(temporary)
-            raise
+        write_fs_atomically(self.fs, path, write)
 
     def add(self, digests: Sequence[str], embedded: EmbeddedTexts) -> None:
         """Store the embeddings of `digests` not cached yet as one new shard."""

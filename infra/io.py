@@ -7,7 +7,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import fsspec
 import numpy as np
@@ -57,6 +57,25 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_fs_atomically(fs: fsspec.AbstractFileSystem, path: str,
+                        write: Callable[[IO[bytes]], None]) -> None:
+    """`write_atomically` for any fsspec filesystem: write through `write(handle)` to a unique
+    temporary name beside `path`, then move it onto `path` (atomic on POSIX and NFS; on an
+    object store the move is a copy, so readers trust manifests, not file presence). A
+    failure removes the temporary file and names `path` in an OSError that named no file."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with naming_path(fs.unstrip_protocol(path)):
+            with fs.open(tmp, "wb") as handle:
+                write(handle)
+            fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise
 
 
 def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:

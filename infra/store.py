@@ -32,7 +32,7 @@ from fsspec.core import url_to_fs
 
 from driftlane.infra.faults import crash_point
 from driftlane.infra.integrity import DigestCache, stream_sha256
-from driftlane.infra.io import naming_path
+from driftlane.infra.io import naming_path, write_fs_atomically
 
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -332,17 +332,7 @@ class Store:
                 self.fs.rm(leftover, recursive=True)
 
     def _write_atomic(self, path: str, data: bytes) -> None:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            with naming_path(self.fs.unstrip_protocol(path)):
-                with self.fs.open(tmp, "wb") as f:
-                    f.write(data)
-                self.fs.mv(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                if self.fs.exists(tmp):
-                    self.fs.rm(tmp)
-            raise
+        write_fs_atomically(self.fs, path, lambda handle: handle.write(data))
 
 
 def _now() -> str:

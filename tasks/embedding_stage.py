@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,6 +27,7 @@ from driftlane.infra.embedding_cache import (
     EmbeddingCache,
 )
 from driftlane.infra.faults import crash_point
+from driftlane.infra.io import save_npy
 from driftlane.tasks.embedding import embed_texts
 from driftlane.tasks.models import load_encoder
 from driftlane.tasks.stage_results import EmbeddedSession, IngestedSession
@@ -185,12 +185,12 @@ def embed_documents(session_name: str, ingested: IngestedSession, embedding: Emb
                            embedding.keep_token_embeddings)
     crash_point("embed.start")
     embedded, n_embedded = embed_stage(session_name, texts, embedding, cache)
-    _save_npy(out / "doc_vectors.npy", embedded.vectors)
+    save_npy(out / "doc_vectors.npy", embedded.vectors)
     tokens_path = token_offsets_path = None
     if embedded.token_embeddings is not None:
         tokens, offsets = embedded.stacked_tokens()
-        _save_npy(out / "token_offsets.npy", offsets)
-        _save_npy(out / "token_embeddings.npy", tokens)
+        save_npy(out / "token_offsets.npy", offsets)
+        save_npy(out / "token_embeddings.npy", tokens)
         tokens_path = str(out / "token_embeddings.npy")
         token_offsets_path = str(out / "token_offsets.npy")
     n_windows = int(embedded.n_windows.sum())
@@ -201,9 +201,3 @@ def embed_documents(session_name: str, ingested: IngestedSession, embedding: Emb
         dim=int(embedded.vectors.shape[1]), n_windows=n_windows, tokens_path=tokens_path,
         token_offsets_path=token_offsets_path, seconds=time.perf_counter() - started)
 
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    tmp.replace(path)
