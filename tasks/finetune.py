@@ -5,6 +5,13 @@ over in-batch negatives plus the hard-negative column; Henderson et al. 2017), o
 version `CachedMultipleNegativesRankingLoss` (Gao et al. 2021) when `mini_batch_size` is set:
 the same loss over the whole batch while only `mini_batch_size` texts are embedded at a time.
 
+Compatible update mode (issue 14). Given `CompatibilityTargets` (the stored old-model vectors of
+each example's positive and negative document), the loss is `BackwardCompatibleLoss`
+(`tasks.compatibility_loss`): the same ranking loss plus a BCT / L2R term that keeps the new
+query embeddings comparable with the stored vectors, so old document vectors need no
+re-embedding. The vectors travel as the dataset's `label` column (2*d floats per row). Not
+combined with `mini_batch_size` (GradCache).
+
 Order of training. With a `batch_order` (from `tasks.batching.plan_batches`) the trainer gets
 exactly those batches, in that order, through a fixed batch sampler: one pass, one optimizer
 step per batch. Without one, steps follow `tasks.batching.training_budget` and the batches come
@@ -32,7 +39,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -43,12 +50,16 @@ from driftlane.infra.progress import Progress
 from driftlane.tasks.batching import training_budget
 from driftlane.tasks.models import model_version, resolve_device
 
+if TYPE_CHECKING:
+    from driftlane.tasks.compatibility_loss import CompatibilityTargets
+
 __all__ = ["FINETUNE_VERSION", "fine_tune", "tensorboard_available"]
 
 logger = module_logger(__name__)
 
 # Bump when `fine_tune` changes what it computes for the same inputs (part of cache keys).
-FINETUNE_VERSION = "4"  # 4: fine_tune_session returns a TrainedModel
+# 4: fine_tune_session returns a TrainedModel; 5: the compatible update mode (`compatibility`)
+FINETUNE_VERSION = "5"
 
 
 def tensorboard_available() -> bool:
@@ -125,11 +136,20 @@ def _fixed_batch_sampler(batches: list[list[int]]) -> Any:
 
 def _build_trainer(model_path: str, frame: pd.DataFrame, config: FinetuneConfig, out_dir: Path,
                    batches: list[list[int]] | None, steps: int, seed: int,
-                   session: str = "model") -> Any:
+                   session: str = "model",
+                   compatibility: CompatibilityTargets | None = None) -> Any:
     """The model (loaded fresh) and a configured `SentenceTransformerTrainer`.
 
-    session: names the run in progress reports (`train-<session>`).
+    session: names the run in progress reports (`train-<session>`). compatibility: stored
+    old-model vectors per row of `frame`: train with `BackwardCompatibleLoss`, the vectors as
+    the dataset's `label` column.
     """
+    if compatibility is not None and config.mini_batch_size is not None:
+        raise ValueError("the compatibility term does not support mini_batch_size (GradCache): "
+                         "unset mini_batch_size to train in compatible mode")
+    if compatibility is not None and len(compatibility.vectors) != len(frame):
+        raise ValueError(f"compatibility vectors cover {len(compatibility.vectors)} examples, "
+                         f"not the {len(frame)} examples")
     import transformers
     from datasets import Dataset
     from sentence_transformers import (
@@ -150,7 +170,14 @@ def _build_trainer(model_path: str, frame: pd.DataFrame, config: FinetuneConfig,
     # the training length never changes how later sessions embed.
     model.inference_max_seq_length = model.max_seq_length
     model.max_seq_length = config.max_seq_length
-    if config.mini_batch_size is not None:
+    if compatibility is not None:
+        from driftlane.tasks.compatibility_loss import BackwardCompatibleLoss
+
+        if compatibility.vectors.shape[2] != model.get_embedding_dimension():
+            raise ValueError(f"compatibility vectors have {compatibility.vectors.shape[2]} "
+                             f"dimensions, not the model's {model.get_embedding_dimension()}")
+        loss = BackwardCompatibleLoss(model, scale=config.scale, weight=compatibility.weight)
+    elif config.mini_batch_size is not None:
         loss = CachedMultipleNegativesRankingLoss(model, scale=config.scale,
                                                   mini_batch_size=config.mini_batch_size)
     else:
@@ -181,7 +208,11 @@ def _build_trainer(model_path: str, frame: pd.DataFrame, config: FinetuneConfig,
         batch_sampler=(_fixed_batch_sampler(batches) if batches is not None
                        else BatchSamplers.NO_DUPLICATES),
     )
-    dataset = Dataset.from_dict({c: frame[c].tolist() for c in frame.columns})
+    columns: dict[str, Any] = {c: frame[c].tolist() for c in frame.columns}
+    if compatibility is not None:
+        # the collator stacks it into (batch, 2*d) `labels` for the loss; samplers ignore it
+        columns["label"] = compatibility.label_rows()
+    dataset = Dataset.from_dict(columns)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
                                          loss=loss, callbacks=callbacks)
     # Without tqdm the trainer prints every log dict to stdout; the loss goes to TensorBoard,
@@ -217,6 +248,7 @@ def fine_tune(
     batch_order: Sequence[Sequence[int] | np.ndarray] | None = None,
     seed: int | None = None,
     session: str = "model",
+    compatibility: CompatibilityTargets | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the model at `model_path` on `examples`, save it under `out_dir/model`.
 
@@ -225,12 +257,16 @@ def fine_tune(
     negatives only. batch_order: row positions per batch (one optimizer step each), e.g.
     `plan_batches(...).batches`; None: `training_budget` steps of no-duplicate random batches.
     seed: defaults to `config.seed`. session: names the run in progress reports (key
-    `train-<session>`); it does not change what is trained.
+    `train-<session>`); it does not change what is trained. compatibility: the compatible
+    update mode, stored old-model vectors per row of `examples` (`tasks.compatibility_loss`);
+    None trains as before. Not with `config.mini_batch_size` (ValueError).
 
     Returns a JSON-ready dict: model_path, model_version (digest of the saved folder), steps,
     final_loss (mean of the last logging period), mean_loss (whole run), train_seconds,
     n_examples, loss (class name), device, hard_negatives, notes, tensorboard_dir (or None),
-    loss_history ([step, loss] pairs).
+    loss_history ([step, loss] pairs). In compatible mode also compatibility: weight,
+    n_examples_with_stored_vectors (examples with a stored vector for a document they train
+    on); the log history then also holds the parts `ranking` and `compatibility` (weighted).
     """
     seed = config.seed if seed is None else seed
     out_dir = Path(out_dir).expanduser()
@@ -254,7 +290,7 @@ def fine_tune(
         logger.info(line)
 
     model, trainer = _build_trainer(model_path, frame, config, out_dir, batches, steps, seed,
-                                    session=session)
+                                    session=session, compatibility=compatibility)
     started = time.perf_counter()
     output = trainer.train()
     train_seconds = time.perf_counter() - started
@@ -262,7 +298,7 @@ def fine_tune(
     model_dir, version = _save_model(model, out_dir)
     history = [[int(e["step"]), float(e["loss"])] for e in trainer.state.log_history
                if "loss" in e]
-    return {
+    result = {
         "model_path": str(model_dir),
         "model_version": version,
         "steps": int(output.global_step),
@@ -277,3 +313,10 @@ def fine_tune(
         "tensorboard_dir": str(out_dir / "tensorboard") if tensorboard_available() else None,
         "loss_history": history,
     }
+    if compatibility is not None:
+        documents = len(frame.columns) - 1  # positive[, negative]: the columns the loss saw
+        result["compatibility"] = {
+            "weight": float(compatibility.weight),
+            "n_examples_with_stored_vectors": compatibility.n_with_stored(documents),
+        }
+    return result
