@@ -40,10 +40,12 @@ from driftlane.infra.config import (
 )
 from driftlane.infra.io import read_parquet
 from driftlane.infra.store import DamagedStore, SessionManifest, Store, StoreError
+from driftlane.tasks.index_shards import ShardedIndex, open_searchable
 from driftlane.tasks.models import local_model_folder, model_version, resolve_model_path
-from driftlane.tasks.publishing import MODEL_WEIGHTS, previous_model
+from driftlane.tasks.publishing import MODEL_WEIGHTS, previous_model, published_blocks
 from driftlane.tasks.search import augment_database, encode_queries, search_queries
 from driftlane.tasks.session_files import SessionFormatError
+from driftlane.tasks.stage_results import SearchableIndex
 
 __all__ = ["SearchableStore", "SessionEncoder", "export_model", "open_store", "read_query_file",
            "session_encoder"]
@@ -61,7 +63,9 @@ class SearchableStore:
     embedding: EmbeddingConfig  # the query encoder: the session's model folder and chunking
     evaluation: EvaluationConfig  # its alpha-QE and DBA options, as used here
     model_origin: str  # "model of session <name>" or "base model <path>"
-    index: faiss.Index  # the session's index (DBA vectors when database_augmentation.n > 0)
+    # the session's index: one Faiss index, or its shards searched as one
+    # (tasks.index_shards); DBA vectors when database_augmentation.n > 0
+    index: faiss.Index | ShardedIndex
     ids: pd.DataFrame  # row of the index -> session, doc_id
     _docs: dict[str, pd.Series] = field(default_factory=dict, repr=False)
 
@@ -156,12 +160,11 @@ def open_store(url: str, session: int | str | None = None, *, device: str | None
         "query_expansion": _options(query_expansion, config.evaluation.query_expansion),
         "database_augmentation": _options(database_augmentation,
                                           config.evaluation.database_augmentation)})
-    index = augment_database(_read_index(store.session_url(manifest, "index.faiss")),
-                             evaluation.database_augmentation)
-    ids = read_parquet(store.session_url(manifest, "index_ids.parquet"))
-    if len(ids) != index.ntotal:
-        raise DamagedStore(f"{store.session_url(manifest, 'index_ids.parquet')}: {len(ids)} "
-                           f"rows for an index of {index.ntotal} documents")
+    manifests = store.sessions()
+    as_of = next(i for i, m in enumerate(manifests) if m.folder == manifest.folder)
+    blocks = published_blocks(store, manifests[:as_of + 1])
+    searchable, ids = open_searchable(SearchableIndex(blocks=blocks))
+    index = augment_database(searchable, evaluation.database_augmentation)
     ids = ids.assign(doc_id=ids["doc_id"].astype(str))[["session", "doc_id"]]
     return SearchableStore(store=store, manifest=manifest, embedding=embedding,
                            evaluation=evaluation, model_origin=origin, index=index, ids=ids)
@@ -242,16 +245,6 @@ def _options(given: Options, default: NeighbourAveraging) -> NeighbourAveraging:
     if isinstance(given, NeighbourAveraging):
         return given
     return NeighbourAveraging.model_validate({**default.model_dump(), **given})
-
-
-def _read_index(url: str) -> faiss.Index:
-    """A Faiss index from any fsspec URL (read into memory, so object stores work too)."""
-    with fsspec.open(url, "rb") as f:
-        data = f.read()
-    try:
-        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as exc:
-        raise DamagedStore(f"{url}: damaged Faiss index ({str(exc).splitlines()[0]})") from None
 
 
 def read_query_file(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -357,7 +350,10 @@ def _write_export(searchable: SearchableStore, folder: Path) -> dict[str, Any]:
     manifest, evaluation = searchable.manifest, searchable.evaluation
     shutil.copytree(searchable.embedding.model, folder / "model",
                     ignore=shutil.ignore_patterns(".*"))
-    faiss.write_index(searchable.index, str(folder / "index.faiss"))
+    index = searchable.index
+    if isinstance(index, ShardedIndex):  # shards in other models' spaces: one exact index
+        index = index.merged()
+    faiss.write_index(index, str(folder / "index.faiss"))
     ids = searchable.ids.reset_index(drop=True)
     ids.insert(0, "row", np.arange(len(ids), dtype=np.int64))
     ids.to_parquet(folder / "index_ids.parquet", index=False)
@@ -365,8 +361,8 @@ def _write_export(searchable: SearchableStore, folder: Path) -> dict[str, Any]:
     summary = {
         "store": searchable.store.url, "session": manifest.name, "session_index": manifest.index,
         "model_version": manifest.model_version, "model_origin": searchable.model_origin,
-        "n_docs": int(searchable.index.ntotal), "dim": int(searchable.index.d),
-        "index_kind": type(searchable.index).__name__, "query_window_tokens": window,
+        "n_docs": int(index.ntotal), "dim": int(index.d),
+        "index_kind": type(index).__name__, "query_window_tokens": window,
         "chunking": searchable.embedding.chunking.model_dump(mode="json"),
         "query_expansion": evaluation.query_expansion.model_dump(mode="json"),
         "database_augmentation": evaluation.database_augmentation.model_dump(mode="json"),

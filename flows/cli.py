@@ -65,7 +65,8 @@ def _existing_store(url: str) -> Store:
     return st
 
 
-def _run_flows(session_urls: list[str], store: str, config_path: Path | None) -> list[dict]:
+def flow_environment() -> None:
+    """Environment every command that runs a flow sets first."""
     # Models load from local folders only; the temporary Prefect server must not try to
     # phone home from machines without internet.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,6 +75,10 @@ def _run_flows(session_urls: list[str], store: str, config_path: Path | None) ->
     # Without a server, Prefect starts a temporary one; its first start on a fresh machine
     # migrates a new database, which takes longer than Prefect's 20 s default on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def _run_flows(session_urls: list[str], store: str, config_path: Path | None) -> list[dict]:
+    flow_environment()
     config = load_config(config_path)
     # paths, store and input are checked before any server starts (seconds, one line)
     check_run(session_urls, store, config)
@@ -158,7 +163,16 @@ def store_summary(store: Store) -> dict:
                               else None),
         })
     stream = continual_summary([(s["name"], s["metrics"]) for s in sessions])
-    return {"store": store.url, "sessions": sessions, "stream": stream}
+    return {"store": store.url, "sessions": sessions, "stream": stream,
+            "index": index_summary(store)}
+
+
+def index_summary(store: Store) -> list[dict]:
+    """What the latest session's index holds: per block, the shard, the model that made its
+    vectors and the alignment maps applied (`tasks.index_shards`)."""
+    from driftlane.tasks.publishing import published_blocks
+
+    return [block.provenance() for block in published_blocks(store, store.sessions())]
 
 
 @app.command("show")
@@ -186,6 +200,12 @@ def show(
         if s["training_gain"] and s["training_gain"]["gain"]:
             _print_gain(s["training_gain"])
     _print_matrix(summary["stream"])
+    if summary["index"]:
+        typer.echo(f"\nindex of the latest session: {len(summary['index'])} block(s)")
+        for b in summary["index"]:
+            maps = ", ".join(b["maps"]) or "none"
+            typer.echo(f"  {b['shard']}: {b['n_docs']} docs, vectors of model "
+                       f"{b['model_version']}, alignment maps: {maps}")
 
 
 def _print_matrix(stream: dict) -> None:

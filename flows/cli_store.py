@@ -1,8 +1,8 @@
-"""Commands that look after a store: verify, gc.
+"""Commands that look after a store: verify, gc, reindex.
 
 `verify` reads every published file and compares its size and sha256 with its manifest. `gc`
 removes what no published session needs (`tasks.housekeeping`), holding the store lock so it
-never races a run.
+never races a run. `reindex` re-embeds the corpus with the latest model (`flows.reindex`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ from typing import Annotated
 
 import typer
 
-from driftlane.flows.cli import StoreOpt, _existing_store, app
+from driftlane.flows.cli import (
+    ConfigOpt,
+    StoreOpt,
+    _existing_store,
+    _print_metrics,
+    app,
+    flow_environment,
+)
 from driftlane.flows.cli_errors import EXIT_ENVIRONMENT, command, fail
 
 
@@ -93,3 +100,38 @@ def gc(
             for r in items:
                 typer.echo(f"    {st.fs.unstrip_protocol(r.path)}: {r.why}")
     typer.echo(f"  {'total':<20} {_bytes(sum(freed.values()))}")
+
+
+@app.command("reindex")
+@command
+def reindex(store: StoreOpt, config: ConfigOpt = None) -> None:
+    """Re-embed every published document with the latest model and publish the latest
+    session's full index beside it (after aligned or compatible sessions); --config gives
+    the runner, lock and scratch settings."""
+    from driftlane.flows.cli_errors import console_without_tracebacks
+    from driftlane.flows.preflight import check_scratch, check_store
+    from driftlane.infra.config import load_config
+
+    st = _existing_store(store)
+    flow_environment()
+    settings = load_config(config)
+    check_store(st.url)
+    check_scratch(settings)
+    console_without_tracebacks()
+    from driftlane.flows.reindex import reindex_flow
+
+    before = st.read_json(st.sessions()[-1], "metrics.json")
+    summary = reindex_flow(st.url, settings.lock, settings.runner, settings.scratch_dir)
+    if summary["status"] == "already-reindexed":
+        typer.echo(f"{summary['session']}: already re-indexed ({summary['folder']}), "
+                   "nothing to do")
+        return
+    typer.echo(f"{summary['session']}: re-indexed {summary['n_docs']} documents with model "
+               f"{summary['model_version']} into {summary['folder']}")
+    _print_metrics(summary["metrics"])
+    for metric in ("ndcg@10",):
+        old = [v[metric] for v in before.values()]
+        new = [v[metric] for v in summary["metrics"].values()]
+        if old and new:
+            typer.echo(f"  average {metric}: {sum(old) / len(old):.4f} as published, "
+                       f"{sum(new) / len(new):.4f} re-indexed")

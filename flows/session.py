@@ -12,14 +12,14 @@ from pathlib import PurePosixPath
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from driftlane.flows.index_update import update_index
 from driftlane.infra.caching import result_storage_for
-from driftlane.infra.config import SessionConfig, StartModel
+from driftlane.infra.config import SessionConfig, StartModel, UpdateMode
 from driftlane.infra.runners import shard_runner
 from driftlane.infra.store import Store, normalize_url
 from driftlane.infra.writer import store_writer
 from driftlane.tasks.embedding_stage import embed_documents
 from driftlane.tasks.evaluation import evaluate_sessions, report_session
-from driftlane.tasks.indexing import build_index, reembed_sources
 from driftlane.tasks.ingest import ingest_session
 from driftlane.tasks.models import start_model
 from driftlane.tasks.publishing import plan_session, publish_session, stage_timings, training_files
@@ -102,68 +102,65 @@ def _run_session(session_url: str, store_url: str, config: SessionConfig) -> dic
     docs_urls[plan.name] = ingested.docs_path
     final = start
     sampled = trained = None
+    compatible = config.update.mode == UpdateMode.compatible
     if config.finetune.enabled and memory is not None:
         sampled = sample_training.with_options(result_storage=results)(
             plan.name, ingested, embedded, memory, docs_urls, plan.previous_training,
             config.sampling, config.finetune, embedding, start.version, store.cache_url,
-            scratch)
+            scratch, stored_vectors=compatible)
         # DESIGN 8 trains the current model; joint retraining starts again from the base model
         init = (start if config.finetune.start_from == StartModel.previous
                 else start_model(None, config.embedding.model, scratch))
         trained = fine_tune_session.with_options(result_storage=results)(
-            plan.name, sampled, config.finetune, init, scratch)
+            plan.name, sampled, config.finetune, init, scratch,
+            config.update.compatibility_weight if compatible else None)
         final = EncoderModel(path=trained.model_path, version=trained.model_version)
     elif config.finetune.enabled:
         logger.warning("fine-tuning needs the clustered memory (memory.enabled): skipped")
     final_embedding = embedding.model_copy(update={"model": final.path,
                                                    "keep_token_embeddings": False})
 
-    # DESIGN 9: vectors from an older model are stale; re-embed, then rebuild the index
+    # DESIGN 9: vectors from an older model are stale. `[update] mode` says what follows:
+    # full re-embeds everything; aligned and compatible keep what earlier sessions stored.
     new_source = Source(session=plan.name, docs_url=ingested.docs_path,
                         vectors_url=embedded.vectors_path, model_version=start.version,
                         queries_url=ingested.queries_path, qrels_url=ingested.qrels_path)
-    known = None
+    changed = final.version != start.version
     clustered = memory  # what the clustering stage computed (its cost is reported below)
-    if memory is not None and final.version != start.version:
+    known = None
+    if memory is not None and changed:
         memory = reembed_memory.with_options(result_storage=results)(
             plan.name, memory, docs_urls, embedding.model_copy(update={"model": final.path}),
             final.version, store.cache_url, scratch)
         known = memory.member_vectors()
-    reembedded = reembed_sources.with_options(result_storage=results)(
-        plan.name, [*plan.previous, new_source], final_embedding, final.version,
-        store.cache_url, scratch, known)
-    sources = reembedded.sources
-    index = build_index.with_options(result_storage=results)(
-        plan.name, sources, config.index, scratch)
+    start_embedding = embedding.model_copy(update={"keep_token_embeddings": False})
+    update = update_index(plan, config, new_source, start, final, start_embedding,
+                          final_embedding, clustered, known, store.cache_url, results)
+    sources = [*plan.previous, update.own_vectors]
     # DESIGN 10: every session so far, on its own test queries, against the whole corpus
     evaluation = evaluate_sessions.with_options(result_storage=results)(
-        plan.name, index, sources, final_embedding, config.evaluation, final.version,
-        store.cache_url, scratch)
+        plan.name, update.searchable, sources, final_embedding, config.evaluation,
+        final.version, store.cache_url, scratch)
 
     # What training bought: the starting model on the same sessions. Its vectors exist
-    # already (the new documents were embedded with it, earlier ones are in the cache), so
-    # this costs an index and a query pass, not a corpus pass.
+    # already (the new documents were embedded with it, earlier ones are stored or in the
+    # cache), so this costs a query pass, not a corpus pass.
     before = None
-    if final.version != start.version:
-        start_sources = reembed_sources.with_options(result_storage=results)(
-            plan.name, [*plan.previous, new_source], embedding.model_copy(
-                update={"keep_token_embeddings": False}), start.version, store.cache_url,
-            scratch)
-        start_index = build_index.with_options(result_storage=results)(
-            plan.name, start_sources.sources, config.index, scratch)
+    if changed:
         before = evaluate_sessions.with_options(result_storage=results)(
-            plan.name, start_index, start_sources.sources, embedding.model_copy(
-                update={"keep_token_embeddings": False}), config.evaluation, start.version,
-            store.cache_url, scratch)
+            plan.name, update.searchable_before, [*plan.previous, new_source],
+            start_embedding, config.evaluation, start.version, store.cache_url, scratch)
 
     timings = stage_timings(embedded, clustered, memory if memory is not clustered else None,
-                            sampled, trained, reembedded, index, evaluation, before)
+                            sampled, trained, update.reembedded, update.indexing, evaluation,
+                            before)
     report = report_session(plan.name, plan.previous, evaluation,
                             memory.cluster_report_path if memory else None, timings, scratch,
                             before)
-    extra = {**report.files, **training_files(sampled, trained)}
-    manifest = publish_session(plan, ingested, sources[-1].vectors_url, index, evaluation,
-                               config, final.version, memory, extra)
+    extra = {**report.files, **training_files(sampled, trained), **update.files}
+    manifest = publish_session(plan, ingested, update.own_vectors, update.shard,
+                               update.searchable, evaluation, config, final.version, memory,
+                               extra)
     return {"status": "published", "name": manifest.name, "index": manifest.index,
             "metrics": evaluation.metrics, "model_version": final.version,
             "summary": report.summary, "timings": timings}

@@ -335,6 +335,35 @@ class LockConfig(_Section):
                                "configured (PREFECT_API_URL).")
 
 
+class UpdateMode(StrEnum):
+    """How stored document vectors follow a new encoder (docs/decisions.md, README)."""
+
+    full = "full"
+    aligned = "aligned"
+    compatible = "compatible"
+
+
+class UpdateConfig(_Section):
+    """What a session does with the vectors earlier sessions stored once its model changed.
+
+    full: re-embed memory and corpus with the new model and build one index over everything.
+    aligned: fit an orthogonal map from the old model's vectors to the new model's on the
+    re-embedded memory, and apply it to every stored vector at search time (no corpus pass).
+    compatible: train the new model to stay comparable with the stored vectors (a
+    compatibility term in the loss); stored vectors are kept as they are.
+    """
+
+    mode: UpdateMode = Field(default=UpdateMode.aligned,
+                             description="full, aligned or compatible (see the README).")
+    alignment_shrinkage: float = Field(
+        default=1.0, ge=0.0, le=1e6,
+        description="aligned: weight of the identity prior in the Procrustes fit (0: plain "
+        "orthogonal Procrustes; needs many more memory documents than dimensions).")
+    compatibility_weight: float = Field(
+        default=1.0, ge=0.0, le=100.0,
+        description="compatible: weight of the compatibility term in the training loss.")
+
+
 # Sections that change how a run is carried out, not what it computes or publishes.
 OPERATIONAL_SECTIONS = frozenset({"runner", "lock", "ingest"})
 
@@ -349,6 +378,7 @@ class SessionConfig(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
     index: IndexConfig = IndexConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    update: UpdateConfig = UpdateConfig()
     scratch_dir: str | None = Field(
         default=None,
         description="Local folder for work in progress (default: ~/.cache/driftlane/scratch).",

@@ -283,19 +283,44 @@ class Store:
                 f"the store now holds {held} sessions (another run published while this one "
                 "was running); run it again to add it as the next session"
             )
-        files = {}
-        for p in sorted(local_dir.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(local_dir).as_posix()
-                if rel == MANIFEST:
-                    continue
-                files[rel] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+        files = _local_files(local_dir, skip=MANIFEST)
         manifest = SessionManifest(**{**asdict(manifest), "files": files,
                                       "created_at": manifest.created_at or _now()})
         final = self.path("sessions", manifest.folder)
-        staged = self.path(".staging", f"{manifest.folder}.{uuid.uuid4().hex[:12]}")
-
         self._remove_leftovers(manifest.folder, final)
+        self._upload(local_dir, files, final, f"{manifest.folder}.{uuid.uuid4().hex[:12]}",
+                     "sessions")
+        crash_point("publish.manifest")
+        self._write_atomic(posixpath.join(final, MANIFEST), manifest.to_json().encode())
+        crash_point("publish.done")
+        return manifest
+
+    def publish_reindex(self, local_dir: Path, session: SessionManifest, folder: str,
+                        record_name: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Publish a re-index of `session` into `folder` (store-relative) the way sessions
+        are published: upload to `.staging/`, rename, then write `record_name` last (the
+        record gets the files' sizes and digests). A folder without its record is a leftover
+        of an interrupted run and is replaced."""
+        local_dir = Path(local_dir)
+        files = _local_files(local_dir, skip=record_name)
+        record = {**record, "session": session.name, "session_index": session.index,
+                  "files": files, "created_at": _now()}
+        final = self.path(*folder.split("/"))
+        if self.fs.exists(posixpath.join(final, record_name)):
+            raise StoreError(f"{self.url}: {folder} is already published")
+        self._remove_leftovers(folder, final)
+        self._upload(local_dir, files, final, f"{posixpath.basename(final)}.reindex."
+                     f"{uuid.uuid4().hex[:12]}", posixpath.dirname(folder))
+        crash_point("publish.manifest")
+        self._write_atomic(posixpath.join(final, record_name),
+                           json.dumps(record, indent=2, sort_keys=True).encode())
+        return record
+
+    def _upload(self, local_dir: Path, files: dict[str, Any], final: str, staged_name: str,
+                parent: str) -> None:
+        """Upload `files` of `local_dir` into `.staging/<staged_name>/`, then rename it to
+        `final` (under the store folder `parent`). A failure removes the staged copy."""
+        staged = self.path(".staging", staged_name)
         crash_point("publish.stage")
         try:
             for rel in files:
@@ -305,7 +330,7 @@ class Store:
                     self.fs.put_file(str(local_dir / rel), target)
                 crash_point("publish.stage.file")
             crash_point("publish.rename")
-            self.fs.makedirs(self.path("sessions"), exist_ok=True)
+            self.fs.makedirs(self.path(*parent.split("/")), exist_ok=True)
             self.fs.mv(staged, final, recursive=True)
         except Exception:
             # a failed upload (a full disk, a lost connection) leaves nothing half-written
@@ -313,10 +338,6 @@ class Store:
                 if self.fs.exists(staged):
                     self.fs.rm(staged, recursive=True)
             raise
-        crash_point("publish.manifest")
-        self._write_atomic(posixpath.join(final, MANIFEST), manifest.to_json().encode())
-        crash_point("publish.done")
-        return manifest
 
     def _remove_leftovers(self, folder: str, final: str) -> None:
         """Clear what an interrupted publish left behind."""
@@ -333,6 +354,17 @@ class Store:
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         write_fs_atomically(self.fs, path, lambda handle: handle.write(data))
+
+
+def _local_files(local_dir: Path, skip: str) -> dict[str, dict[str, Any]]:
+    """{relative path: {bytes, sha256}} of every file under `local_dir` but `skip`."""
+    files = {}
+    for p in sorted(local_dir.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(local_dir).as_posix()
+            if rel != skip:
+                files[rel] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+    return files
 
 
 def _now() -> str:

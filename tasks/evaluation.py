@@ -25,11 +25,12 @@ from driftlane.infra.embedding_cache import EmbeddingCache
 from driftlane.infra.faults import crash_point
 from driftlane.infra.io import read_parquet
 from driftlane.infra.progress import artifact_key
+from driftlane.tasks.index_shards import open_searchable
 from driftlane.tasks.search import augment_database, encode_queries, search_queries
-from driftlane.tasks.stage_results import BuiltIndex, SessionEvaluation, SessionReport, Source
+from driftlane.tasks.stage_results import SearchableIndex, SessionEvaluation, SessionReport, Source
 
 TRAINING_GAIN = "training_gain.json"
-EVALUATION_VERSION = "3"  # 3: typed stage results
+EVALUATION_VERSION = "4"  # 4: searches the blocks of a SearchableIndex
 
 # Our metric name -> ranx metric name.
 METRICS = {
@@ -141,18 +142,16 @@ def qrels_dict(qrels: pd.DataFrame, session: str, split: str) -> dict[str, dict[
 
 @task(cache_key_fn=cache_key_for("evaluate", EVALUATION_VERSION), persist_result=True,
       result_serializer="json", task_run_name="evaluate after {session_name}")
-def evaluate_sessions(session_name: str, index: BuiltIndex, sessions: list[Source],
+def evaluate_sessions(session_name: str, index: SearchableIndex, sessions: list[Source],
                       embedding: EmbeddingConfig, evaluation: EvaluationConfig,
                       model_version: str, cache_url: str, scratch_dir: str) -> SessionEvaluation:
-    """Evaluate each session's test queries against the index of everything seen so far."""
-    import faiss
-
+    """Evaluate each session's test queries against the index of everything seen so far
+    (its blocks: `tasks.index_shards`)."""
     started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("evaluate", EVALUATION_VERSION, scratch_dir)
-    faiss_index = augment_database(faiss.read_index(index.index_path),
-                                   evaluation.database_augmentation)
-    ids = pd.read_parquet(index.ids_path)
+    searchable, ids = open_searchable(index)
+    faiss_index = augment_database(searchable, evaluation.database_augmentation)
     doc_keys = [global_doc_key(s, d) for s, d in zip(ids["session"], ids["doc_id"], strict=True)]
     cache = EmbeddingCache(cache_url, model_version, embedding.chunking)
 

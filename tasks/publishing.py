@@ -25,12 +25,14 @@ from driftlane.tasks.session_files import session_digest
 from driftlane.tasks.stage_results import (
     BuiltIndex,
     EmbeddedSession,
+    IndexBlock,
     IngestedSession,
     PreviousMemory,
     PreviousModel,
     PreviousTraining,
     ReembeddedSources,
     SampledTraining,
+    SearchableIndex,
     SessionEvaluation,
     SessionPlan,
     Source,
@@ -38,9 +40,13 @@ from driftlane.tasks.stage_results import (
     TrainedModel,
 )
 
+INDEX_BLOCKS = "index_blocks.json"
 MEMORY_STATE = "memory/state.json"
 MODEL_WEIGHTS = "model/model.safetensors"
 QUERY_BUFFER = "training/query_buffer.parquet"
+ALIGNMENT_MAP = "alignment.npy"
+REINDEX_DIR = "reindex"  # reindex/<session folder>/: `driftlane reindex` of that session
+REINDEX_RECORD = "reindex.json"  # written last: a folder without it is not a re-index
 
 
 def published_sources(store: Store, manifests: list[SessionManifest]) -> list[Source]:
@@ -53,8 +59,48 @@ def published_sources(store: Store, manifests: list[SessionManifest]) -> list[So
                    qrels_url=store.session_url(m, "qrels.parquet"),
                    qrels_sha256=m.files["qrels.parquet"]["sha256"],
                    metrics_url=store.session_url(m, "metrics.json"),
-                   model_version=m.model_version)
+                   # aligned and compatible sessions store vectors of another model
+                   model_version=m.summary.get("vectors_model_version", m.model_version))
             for m in manifests]
+
+
+def published_blocks(store: Store, manifests: list[SessionManifest]) -> list[IndexBlock]:
+    """The blocks the latest session searches, with their URLs: those of its re-index when
+    `driftlane reindex` wrote one (reindex/<folder>/), else its own index_blocks.json.
+
+    A session published before shards existed searched its own index.faiss: one block.
+    """
+    if not manifests:
+        return []
+    last = manifests[-1]
+    reindexed = f"{REINDEX_DIR}/{last.folder}"
+    if store.fs.exists(store.path(reindexed, REINDEX_RECORD)):
+        with store.fs.open(store.path(reindexed, INDEX_BLOCKS), "rb") as f:
+            record = json.load(f)
+    elif INDEX_BLOCKS in last.files:
+        record = store.read_json(last, INDEX_BLOCKS)
+    else:
+        record = {"blocks": [{"session": last.name, "shard": f"sessions/{last.folder}",
+                              "n_docs": sum(m.n_docs for m in manifests),
+                              "model_version": last.model_version, "factory": ""}]}
+    return [block_at(store, entry) for entry in record["blocks"]]
+
+
+def block_at(store: Store, entry: dict) -> IndexBlock:
+    """An index_blocks.json entry with the URLs of its shard and maps in `store`."""
+    shard = entry["shard"].split("/")
+    return IndexBlock(**{**entry, "index_url": store.url_of(*shard, "index.faiss"),
+                         "ids_url": store.url_of(*shard, "index_ids.parquet"),
+                         "map_urls": [store.url_of(*f.split("/"))
+                                      for f in entry.get("map_files", [])]})
+
+
+def index_blocks_record(searchable: SearchableIndex, mode: str, model_version: str) -> dict:
+    """What a session's index_blocks.json says: the update mode, the model queries are
+    encoded with, and each block's provenance."""
+    return {"update_mode": mode, "model_version": model_version,
+            "n_docs": searchable.n_docs,
+            "blocks": [block.provenance() for block in searchable.blocks]}
 
 
 def previous_memory(store: Store, manifests: list[SessionManifest]) -> PreviousMemory | None:
@@ -94,7 +140,7 @@ def previous_training(store: Store, manifests: list[SessionManifest]) -> Previou
 def stage_timings(embedded: EmbeddedSession, memory: StoredMemory | None,
                   reembedded_memory: StoredMemory | None,
                   sampled: SampledTraining | None, trained: TrainedModel | None,
-                  reembedded: ReembeddedSources, index: BuiltIndex,
+                  reembedded: ReembeddedSources | None, indexing: list[StageResult],
                   evaluation: SessionEvaluation,
                   before: SessionEvaluation | None = None) -> dict[str, float]:
     """Wall seconds per stage of this attempt: a stage whose result came from the cache
@@ -102,6 +148,7 @@ def stage_timings(embedded: EmbeddedSession, memory: StoredMemory | None,
     so a retried run reports what the attempt that published did.
 
     embedding: the new documents, then re-embedding corpus and memory after fine-tuning.
+    indexing: the shards built and the alignment fitted (`flows.index_update`).
     evaluation: the trained model's, plus the starting model's (`before`) when it changed.
     """
     attempt = current_attempt()
@@ -116,7 +163,7 @@ def stage_timings(embedded: EmbeddedSession, memory: StoredMemory | None,
                       + seconds(reembedded_memory, "reembed_seconds")),
         "clustering": seconds(memory),
         "training": seconds(sampled) + seconds(trained),
-        "indexing": seconds(index),
+        "indexing": sum(seconds(result) for result in indexing),
         "evaluation": seconds(evaluation) + seconds(before),
     }
     timings["total"] = sum(timings.values())
@@ -179,22 +226,29 @@ def plan_session(session_url: str, store_url: str, scratch_base: str | None,
                        previous_memory=previous_memory(store, manifests),
                        previous_model=previous_model(store, manifests),
                        previous_training=previous_training(store, manifests),
+                       previous_blocks=published_blocks(store, manifests),
                        scratch_dir=scratch_for(store, scratch_base))
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="publish {plan.name}")
-def publish_session(plan: SessionPlan, ingested: IngestedSession, vectors_path: str,
-                    index: BuiltIndex, evaluation: SessionEvaluation, config: SessionConfig,
+def publish_session(plan: SessionPlan, ingested: IngestedSession, vectors: Source,
+                    index: BuiltIndex, searchable: SearchableIndex,
+                    evaluation: SessionEvaluation, config: SessionConfig,
                     model_version: str, memory: StoredMemory | None = None,
                     extra_files: dict[str, str] | None = None) -> SessionManifest:
-    """Publish the session's outputs; the manifest is written last."""
+    """Publish the session's outputs; the manifest is written last.
+
+    vectors: the session's own document vectors (doc_vectors.npy) and the model that made
+    them; index: the shard this session wrote; searchable: the blocks its searches combine
+    (index_blocks.json).
+    """
     store = Store(plan.store_url)
     folder = Path(plan.scratch_dir) / "publish" / plan.digest[:32]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     # the files every published session holds
     files = {"docs.parquet": ingested.docs_path, "queries.parquet": ingested.queries_path,
-             "qrels.parquet": ingested.qrels_path, "doc_vectors.npy": vectors_path,
+             "qrels.parquet": ingested.qrels_path, "doc_vectors.npy": vectors.vectors_url,
              "index.faiss": index.index_path, "index_ids.parquet": index.ids_path,
              "metrics.json": evaluation.metrics_path, "runs.parquet": evaluation.runs_path}
     summary: dict = {"n_clusters": None, "memory_size": None, "memory_budget": None}
@@ -202,10 +256,15 @@ def publish_session(plan: SessionPlan, ingested: IngestedSession, vectors_path: 
         files.update(memory.files)
         summary = {"n_clusters": memory.n_clusters, "memory_size": memory.memory_size,
                    "memory_budget": memory.memory_budget}
+    summary["update_mode"] = config.update.mode.value
+    summary["vectors_model_version"] = vectors.model_version
     files.update(extra_files or {})
     for rel, path in files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         _place(Path(path), folder / rel)
+    (folder / INDEX_BLOCKS).write_text(json.dumps(
+        index_blocks_record(searchable, config.update.mode.value, model_version), indent=2,
+        sort_keys=True))
     (folder / "config.json").write_text(
         json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True))
     manifest = SessionManifest(

@@ -32,6 +32,7 @@ from driftlane.infra.config import EmbeddingConfig, NeighbourAveraging
 from driftlane.infra.embedding_cache import EmbeddingCache
 from driftlane.tasks.embedding import embed_texts
 from driftlane.tasks.embedding_stage import embed_stage
+from driftlane.tasks.index_shards import ShardedIndex, reconstruct
 from driftlane.tasks.indexing import search
 from driftlane.tasks.models import load_encoder
 
@@ -66,20 +67,17 @@ def encode_queries(texts: Sequence[str], embedding: EmbeddingConfig,
     return embed_texts(model, texts, embedding.chunking, embedding.batch_size).vectors
 
 
-def stored_vectors(index: faiss.Index, rows: np.ndarray) -> np.ndarray:
+def stored_vectors(index: faiss.Index | ShardedIndex, rows: np.ndarray) -> np.ndarray:
     """The vectors `index` holds at `rows` (int array of any shape, every row >= 0).
 
-    Returns float32 of shape rows.shape + (index.d,). An IVF index gets a direct map (row ->
-    list position) first; a refined index answers from its exact vectors.
+    Returns float32 of shape rows.shape + (index.d,). A sharded index answers with its shards'
+    vectors carried through their alignment maps (`tasks.index_shards`).
     """
     rows = np.asarray(rows, dtype=np.int64)
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:  # not an IVF index
-        ivf = None
-    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
-        ivf.make_direct_map()
-    flat = index.reconstruct_batch(np.ascontiguousarray(rows.ravel()))  # (rows.size, d)
+    if isinstance(index, ShardedIndex):
+        flat = index.reconstruct_batch(rows.ravel())
+    else:
+        flat = reconstruct(index, rows.ravel())  # (rows.size, d)
     return flat.reshape(*rows.shape, index.d)
 
 
@@ -97,7 +95,7 @@ def average_with_neighbours(vectors: np.ndarray, neighbour_vectors: np.ndarray,
     return (mixed / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def alpha_query_expansion(index: faiss.Index, queries: np.ndarray,
+def alpha_query_expansion(index: faiss.Index | ShardedIndex, queries: np.ndarray,
                           options: NeighbourAveraging) -> np.ndarray:
     """alpha-QE of `queries` (m, d): each averaged with its top `options.n` documents of
     `index`, weighted by similarity^alpha. `queries` itself when `options.n` is 0."""
@@ -111,7 +109,8 @@ def alpha_query_expansion(index: faiss.Index, queries: np.ndarray,
                                    options.alpha)
 
 
-def database_side_augmentation(index: faiss.Index, options: NeighbourAveraging) -> np.ndarray:
+def database_side_augmentation(index: faiss.Index | ShardedIndex,
+                               options: NeighbourAveraging) -> np.ndarray:
     """DBA vectors (ntotal, d): each stored vector averaged with its top `options.n` other
     documents of `index` (neighbours found by searching `index` itself), weighted by
     similarity^alpha. A document is never its own neighbour."""
@@ -133,11 +132,14 @@ def database_side_augmentation(index: faiss.Index, options: NeighbourAveraging) 
     return augmented
 
 
-def augment_database(index: faiss.Index, options: NeighbourAveraging) -> faiss.Index:
+def augment_database(index: faiss.Index | ShardedIndex,
+                     options: NeighbourAveraging) -> faiss.Index | ShardedIndex:
     """An index of the same kind (and training) holding the DBA vectors of `index`, row for
-    row; `index` itself when `options.n` is 0."""
+    row (a sharded index: an exact one); `index` itself when `options.n` is 0."""
     if options.n == 0:
         return index
+    if isinstance(index, ShardedIndex):
+        index = index.merged()
     vectors = database_side_augmentation(index, options)
     augmented = faiss.clone_index(index)
     augmented.reset()
@@ -145,7 +147,7 @@ def augment_database(index: faiss.Index, options: NeighbourAveraging) -> faiss.I
     return augmented
 
 
-def search_queries(index: faiss.Index, queries: np.ndarray, k: int,
+def search_queries(index: faiss.Index | ShardedIndex, queries: np.ndarray, k: int,
                    expansion: NeighbourAveraging) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, rows), each (m, min(k, ntotal)), of `queries` (m, d) after alpha-QE
     (`expansion`; n = 0: the plain search)."""

@@ -61,6 +61,34 @@ class PreviousTraining(_Frozen):
     buffer_seen: int
 
 
+class IndexBlock(_Frozen):
+    """One shard of the searchable index and where its vectors come from (provenance).
+
+    The shard (index.faiss and index_ids.parquet in the store folder `shard`, e.g.
+    "sessions/00001_b" or "reindex/00003_d") was written once by `session` and holds vectors of
+    `model_version`. `maps` are the sessions whose alignment maps (`map_files`, store-relative;
+    `map_urls` where they lie now) carry those vectors to the model queries are encoded with,
+    in order: a stored vector v counts as v @ M1 @ M2 ... (`tasks.alignment`).
+    """
+
+    session: str
+    shard: str
+    index_url: str
+    ids_url: str
+    n_docs: int
+    model_version: str
+    factory: str
+    maps: list[str] = []
+    map_files: list[str] = []
+    map_urls: list[str] = []
+
+    def provenance(self) -> dict:
+        """What index_blocks.json records of the block (store-relative paths only)."""
+        return {"session": self.session, "shard": self.shard, "n_docs": self.n_docs,
+                "model_version": self.model_version, "factory": self.factory,
+                "maps": list(self.maps), "map_files": list(self.map_files)}
+
+
 class SessionPlan(_Frozen):
     """What a run has to do: `published` (nothing) or `new`, with what earlier sessions left."""
 
@@ -74,6 +102,7 @@ class SessionPlan(_Frozen):
     previous_memory: PreviousMemory | None = None
     previous_model: PreviousModel | None = None
     previous_training: PreviousTraining | None = None
+    previous_blocks: list[IndexBlock] = []
     scratch_dir: str = ""
 
 
@@ -160,6 +189,7 @@ class SampledTraining(StageResult):
     batch_sizes_path: str
     query_buffer_path: str
     summary_path: str
+    stored_vectors_path: str | None = None
 
 
 class TrainedModel(StageResult):
@@ -187,6 +217,26 @@ class BuiltIndex(StageResult):
     ids_path: str
     n_docs: int
     factory: str
+
+
+class SearchableIndex(_Frozen):
+    """The index a session searches: its blocks, in row order."""
+
+    blocks: list[IndexBlock]
+
+    @property
+    def n_docs(self) -> int:
+        return sum(b.n_docs for b in self.blocks)
+
+
+class Alignment(StageResult):
+    """The old -> new model map of an aligned update and how well it fits."""
+
+    map_path: str
+    summary_path: str
+    n_docs: int
+    cosine_unmapped: float
+    cosine_mapped: float
 
 
 class SessionEvaluation(StageResult):

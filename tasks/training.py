@@ -23,6 +23,7 @@ from driftlane.infra.embedding_cache import EmbeddingCache
 from driftlane.infra.faults import crash_point
 from driftlane.infra.io import read_npy, read_parquet
 from driftlane.tasks.batching import plan_batches, training_budget
+from driftlane.tasks.compatibility_loss import CompatibilityTargets
 from driftlane.tasks.embedding_stage import embed_stage
 from driftlane.tasks.finetune import FINETUNE_VERSION, fine_tune
 from driftlane.tasks.memory import next_stream_index
@@ -42,7 +43,7 @@ from driftlane.tasks.stage_results import (
 )
 from driftlane.tasks.texts import doc_texts_of
 
-SAMPLE_VERSION = "2"  # 2: sample_training returns a SampledTraining
+SAMPLE_VERSION = "3"  # 3: stored vectors for compatible training
 
 
 def _embed(label: str, texts: list[str], embedding: EmbeddingConfig, model_version: str,
@@ -54,14 +55,36 @@ def _embed(label: str, texts: list[str], embedding: EmbeddingConfig, model_versi
     return embedded.vectors, RaggedTokens(*embedded.stacked_tokens())
 
 
+def example_vectors(examples: pd.DataFrame, pool_keys: pd.Series,
+                    pool_vectors: np.ndarray) -> np.ndarray:
+    """(n_examples, 2, d) float32: the pool vectors of each example's positive and negative
+    document; a row of NaN where the document is not in the pool (or there is no negative)."""
+    where = pd.Index(pool_keys.astype(str))
+    out = np.full((len(examples), 2, pool_vectors.shape[1]), np.nan, dtype=np.float32)
+    for column, slot in (("positive_key", 0), ("negative_key", 1)):
+        if column not in examples.columns:
+            continue
+        keys = examples[column].astype(object).where(examples[column].notna(), "")
+        rows = where.get_indexer(keys.astype(str).to_numpy())
+        found = rows >= 0
+        out[found, slot] = pool_vectors[rows[found]]
+    return out
+
+
 @task(cache_key_fn=cache_key_for("sample", SAMPLE_VERSION), persist_result=True,
       result_serializer="json", task_run_name="sample {session_name}")
 def sample_training(session_name: str, ingested: IngestedSession, embedded: EmbeddedSession,
                     memory: StoredMemory, docs_urls: dict[str, str],
                     previous_training: PreviousTraining | None, sampling: SamplingConfig,
                     finetune: FinetuneConfig, embedding: EmbeddingConfig, model_version: str,
-                    cache_url: str, scratch_dir: str) -> SampledTraining:
-    """Sample the session's training examples and plan its batches."""
+                    cache_url: str, scratch_dir: str,
+                    stored_vectors: bool = False) -> SampledTraining:
+    """Sample the session's training examples and plan its batches.
+
+    stored_vectors: also write each example's positive and negative document vectors of the
+    starting model (stored_vectors.npy, NaN where a document is not in the pool), the targets
+    of compatible training (`tasks.compatibility_loss`).
+    """
     started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("sample", SAMPLE_VERSION, scratch_dir)
@@ -133,6 +156,11 @@ def sample_training(session_name: str, ingested: IngestedSession, embedded: Embe
             if len(plan.batches) else np.zeros(0, np.int64), allow_pickle=False)
     np.save(out / "batch_sizes.npy", sizes, allow_pickle=False)
     buffer.to_parquet(out / "query_buffer.parquet", index=False)
+    stored_path = None
+    if stored_vectors:
+        stored_path = str(out / "stored_vectors.npy")
+        np.save(stored_path, example_vectors(examples, pool["doc_key"], pool_vectors),
+                allow_pickle=False)
     counts = examples.groupby(["source", "negative_kind"]).size()
     summary = {"n_examples": len(examples), "steps": len(plan.batches),
                "n_stratified_batches": int(plan.stratified.sum()),
@@ -150,14 +178,17 @@ def sample_training(session_name: str, ingested: IngestedSession, embedded: Embe
                            batch_sizes_path=str(out / "batch_sizes.npy"),
                            query_buffer_path=str(out / "query_buffer.parquet"),
                            summary_path=str(out / "sampling.json"),
+                           stored_vectors_path=stored_path,
                            seconds=time.perf_counter() - started)
 
 
 @task(cache_key_fn=cache_key_for("finetune", FINETUNE_VERSION), persist_result=True,
       result_serializer="json", task_run_name="fine-tune {session_name}")
 def fine_tune_session(session_name: str, sampled: SampledTraining, finetune: FinetuneConfig,
-                      start: EncoderModel, scratch_dir: str) -> TrainedModel:
-    """Fine-tune the session's starting model on its sampled examples."""
+                      start: EncoderModel, scratch_dir: str,
+                      compatibility_weight: float | None = None) -> TrainedModel:
+    """Fine-tune the session's starting model on its sampled examples; with a
+    `compatibility_weight`, compatibly with the stored vectors `sample_training` wrote."""
     started = time.perf_counter()
     logger = get_run_logger()
     out = stage_output_dir("finetune", FINETUNE_VERSION, scratch_dir)
@@ -170,8 +201,15 @@ def fine_tune_session(session_name: str, sampled: SampledTraining, finetune: Fin
     flat, sizes = read_npy(sampled.batches_path), read_npy(sampled.batch_sizes_path)
     batches = np.split(flat, np.cumsum(sizes)[:-1])
     crash_point("train.start")
+    targets = None
+    if compatibility_weight is not None:
+        if sampled.stored_vectors_path is None:
+            raise ValueError("compatible training needs the examples' stored vectors "
+                             "(sample_training with stored_vectors=True)")
+        targets = CompatibilityTargets(read_npy(sampled.stored_vectors_path),
+                                       compatibility_weight)
     result = fine_tune(start.path, texts, finetune, out, batch_order=batches,
-                       session=session_name)
+                       session=session_name, compatibility=targets)
     crash_point("train.write")
     # what the run did, without wall times or scratch paths: a rerun writes the same bytes
     (out / "training.json").write_text(json.dumps(

@@ -23,8 +23,9 @@ from driftlane.infra.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 DRIFTLANE = str(Path(sys.executable).parent / "driftlane")
-# embedding, clustering, training, index writing, publishing (mid-upload, before the manifest)
-KILL_POINTS = ["embed.start", "memory.write", "train.start", "index.write",
+# embedding, clustering, training, the aligned update, index writing, publishing (mid-upload,
+# before the manifest)
+KILL_POINTS = ["embed.start", "memory.write", "train.start", "align.write", "index.write",
                "publish.stage.file", "publish.manifest"]
 
 
