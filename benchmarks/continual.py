@@ -1,42 +1,64 @@
-"""The continual benchmark (issues 4 and 13): driftlane against its baselines on one stream.
+"""The continual benchmark (issues 4, 13 and 14): driftlane against its baselines, and its
+update modes against each other, on one stream.
 
 Every method runs the same stream of sessions (built with `tasks.stream_builder`, or given),
 with the same seeds, as one `stream_flow` per method and seed into its own store. A method is
 a set of configuration overrides (METHODS) on top of the configuration's shared settings:
 
-    zero_shot          no fine-tuning
-    sequential         fine-tune on the new session only (no replay, mixed batches)
-    random_replay      the same memory budget, reservoir eviction, random negatives, mixed batches
-    joint              retrain from the base model on everything seen so far (the upper bound)
-    driftlane          the defaults: clustered memory, cluster-hard negatives, stratified batches
-    driftlane_selfsup  the defaults with self-supervised (pseudo-positive) sampling
+    zero_shot             no fine-tuning
+    sequential            fine-tune on the new session only (no replay, mixed batches)
+    random_replay         the same memory budget, reservoir eviction, random negatives, mixed
+                          batches
+    joint                 retrain from the base model on everything seen so far, then re-embed
+                          the whole corpus (update mode full): the upper bound, in quality and
+                          in cost
+    driftlane_full        the defaults with update mode full: re-embed memory and the whole
+                          corpus with each new model, one index over everything
+    driftlane_compatible  the defaults with update mode compatible: a backward-compatibility
+                          term in the training loss, new documents embedded with the new model,
+                          stored vectors kept
+    driftlane             the defaults: clustered memory, cluster-hard negatives, stratified
+                          batches, update mode aligned (no corpus re-embedding: an orthogonal
+                          map old -> new model fitted on the re-embedded memory, one index
+                          shard per session over its new documents)
+    driftlane_selfsup     the defaults with self-supervised (pseudo-positive) sampling
+
+The other baselines keep the default update mode (aligned). The `[update]` section is
+infra.config.UpdateConfig.
 
 Per method the benchmark reports, from each store: the final average nDCG@10 / Success@5 /
 Recall@10 and the backward transfer of nDCG@10 (`tasks.evaluation.continual_summary` over the
 published metrics.json of every session), the average nDCG@10 after each session; its cost in
 units that do not depend on the machine's load (`continual_runs.WorkCounter`: texts, windows
 and tokens encoded, training steps, examples = steps x batch size, tokens trained; the cost
-targets compare forward-token equivalents, `continual_results.COST_UNIT`), beside the CPU
+targets compare forward-token equivalents, `continual_costs.COST_UNIT`), beside the CPU
 seconds of the run (process time) and the wall seconds of each stage (the sessions'
-timings.json; Prefect's task-run records as `time_s_prefect`); means over seeds with their
-standard deviation, and every seed's values. Paired tests compare the methods query by query
+timings.json; Prefect's task-run records as `time_s_prefect`); per session
+(`session_costs`, issue 14): the embedding + training cost in that unit, the embedding +
+indexing and embedding + training wall seconds, the bytes the session added to the store (its
+session folder and the embedding-cache files written during it), their sums and the ratio of
+the last session to the second; means over seeds with their standard deviation, and every
+seed's values. Paired tests compare the methods query by query
 on the last session's row of the matrix (every session's test queries, against the whole
 corpus), pooled over seeds: a query's difference is its mean over the seeds, then a paired
 t-test over the queries and a bootstrap 95% interval of the mean difference
-(`continual_results.pooled_paired_tests`). The targets of issues 4 and 13 are checked against
-the means (`evaluate_targets`).
+(`continual_results.pooled_paired_tests`). The targets of issues 4, 13 and 14 are checked
+against the means (`evaluate_targets`; issue 14's only when the methods they compare ran).
 
 Configurations (CONFIGS):
     small   4 sessions (scifact, cosqa, npl_vaswani, cisi) of 120 documents, windows and
-            training texts of 96 tokens, memory of 150 documents; 1 seed. Sized to finish all
-            six methods within an hour on 2 otherwise idle CPU cores.
+            training texts of 96 tokens, memory of 150 documents; 1 seed. Sized to finish the
+            six methods of issue 4 within an hour on 2 otherwise idle CPU cores; the two
+            update-mode methods of issue 14 (driftlane_full, driftlane_compatible) add to that
+            (not yet timed).
     medium  3 sessions: cosqa, cisi, scifact, 2,000 documents each (cisi: all 1,460), every
             test query of each collection kept (500 + 38 + 300), so 1,120 and 1,333
             unjudged documents in the cosqa and scifact sessions and 5,460 documents searched
             after the last session; small's windows and training; memory of 1,000 documents;
             3 seeds.
-            The cheapest session order: every training method re-embeds the corpus seen so
-            far after each session, so the first session is encoded 4 times and the last 2.
+            The cheapest session order for the methods in update mode full (joint,
+            driftlane_full): they re-embed the corpus seen so far after each session, so the
+            first session is encoded 4 times and the last 2.
     gpu     the full default stream (scifact, cosqa, npl_vaswani, cisi, msmarco_agentset5k),
             windows of 256 tokens, training texts of 256 tokens; 3 seeds; device auto.
 
@@ -53,7 +75,10 @@ sequential 55 min (3.7M tokens, 3,000 examples), random_replay and driftlane 63 
 about 20 min: 5.5 hours per seed, about 17 hours for 3 seeds at that load (about 10 hours
 on idle cores). That is far beyond 90 minutes: about half is training (cisi brings 1,600
 training pairs, joint retrains on everything) and over a quarter the corpus re-embedding
-after every session, which the compatible encoder updates of issue 14 target. It runs in
+after every session, which the update modes of issue 14 remove. The estimate predates them:
+it priced every training method in mode full, as driftlane_full and joint still run (so
+driftlane_full costs what driftlane did, 63 min per seed); the methods in mode aligned, and
+driftlane_compatible, no longer re-embed the corpus, so they cost less than estimated. It runs in
 three parts of one seed each: `--seeds 0`, then `--seeds 0 1 --resume`, then `--resume`
 (each keeps the method/seed runs finished before, so an interrupted part resumes at the
 method it stopped in).
@@ -68,21 +93,25 @@ Run:  python -m benchmarks.continual --config small
       python -m benchmarks.continual --config medium
       python -m benchmarks.continual --datasets ~/beir/a ~/beir/b --methods zero_shot driftlane
       (or `driftlane bench ...`)
-Writes benchmarks/results/continual_<config>.json, .md and two PNG plots (average nDCG@10 after
-each session per method; driftlane's matrix R as a heatmap); `--methods` or `--seeds` other
-than the configuration's write continual_<config>_subset.* instead. Stores, stream and per-run
-logs go under --work (default ~/.cache/driftlane/bench/<name>); every store starts fresh unless
---resume keeps the method/seed runs that an interrupted run with the same configuration
-finished. The configurations need a checkout of the repository: they read the collections
-from ../shared/datasets next to the checkout (else --datasets-dir or $DRIFTLANE_DATASETS) and
-write benchmarks/results/ (else --out-dir); a missing folder stops the run with one line.
+Writes benchmarks/results/continual_<config>.json, .md and three PNG plots (`_curve`: average
+nDCG@10 after each session per method; `_driftlane_matrix`: driftlane's matrix R as a heatmap;
+`_session_cost`: each session's embedding + training cost, embedding + indexing seconds and
+bytes added against the session index, one line per method); `--methods` or `--seeds` other
+than the configuration's write continual_<config>_subset.* instead (the update modes alone:
+`--methods zero_shot driftlane driftlane_full driftlane_compatible joint`). Stores, stream and
+per-run logs go under --work (default ~/.cache/driftlane/bench/<name>); every store starts
+fresh unless --resume keeps the method/seed runs that an interrupted run with the same
+configuration finished. The configurations need a checkout of the repository: they read the
+collections from ../shared/datasets next to the checkout (else --datasets-dir or
+$DRIFTLANE_DATASETS) and write benchmarks/results/ (else --out-dir); a missing folder stops
+the run with one line.
 
 Code: this module holds the configurations, the command line (`request_from_argv`: what to
 run, checked before anything starts) and the loop over methods and seeds;
 `benchmarks.continual_runs` runs one method and seed and reads its store back,
-`benchmarks.continual_results` computes the figures (summaries, work units, means over seeds,
-targets, pooled paired tests) and `benchmarks.continual_report` writes the Markdown and the
-plots.
+`benchmarks.continual_results` computes the figures (summaries, means over seeds, targets,
+pooled paired tests), `benchmarks.continual_costs` the work units, the per-session cost and
+issue 14's targets, and `benchmarks.continual_report` writes the Markdown and the plots.
 """
 
 from __future__ import annotations
@@ -101,13 +130,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.continual_costs import BYTES_COUNTED, COST_UNIT, per_session_times
 from benchmarks.continual_report import plot_results, render_markdown
 from benchmarks.continual_results import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
     COST_STAGES,
-    COST_UNIT,
     MAX_P,
+    STAGES,
     aggregate_seeds,
     evaluate_targets,
     per_query_scores,
@@ -122,6 +152,7 @@ from benchmarks.continual_runs import (
     load_finished_run,
     log_progress,
     machine_environment,
+    read_store_run,
     run_method,
     save_finished_run,
     set_quiet_environment,
@@ -132,7 +163,8 @@ from benchmarks.continual_runs import (
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_WORK_ROOT = Path("~/.cache/driftlane/bench")
 
-# Method name -> overrides of the configuration's shared settings (nested like SessionConfig).
+# Method name -> overrides of the configuration's shared settings (nested like SessionConfig),
+# in report order: baselines first, so that paired tests read "driftlane vs <baseline>".
 METHODS: dict[str, dict[str, Any]] = {
     "zero_shot": {"finetune": {"enabled": False}},
     "sequential": {"sampling": {"replay_ratio": 0.0, "stratified_batches": False}},
@@ -144,8 +176,11 @@ METHODS: dict[str, dict[str, Any]] = {
         "finetune": {"start_from": "base"},
         "sampling": {"replay_all": True, "query_buffer_budget": 10_000_000},
         "memory": {"budget": 10_000_000},
+        "update": {"mode": "full"},  # a model retrained from the base: every vector is stale
     },
-    "driftlane": {},
+    "driftlane_full": {"update": {"mode": "full"}},
+    "driftlane_compatible": {"update": {"mode": "compatible"}},
+    "driftlane": {},  # update mode aligned, the default
     "driftlane_selfsup": {"sampling": {"mode": "self_supervised"}},
 }
 
@@ -494,7 +529,9 @@ def run_benchmark(bench: BenchConfig, methods: Sequence[str], seeds: Sequence[in
                                      work / "logs" / f"{method}_seed{seed}.log", errors, key)
                     if run is None:
                         continue
-                if run.get("work") is None:  # a new run, or one kept from older code
+                if run.get("time_s_per_session") is None:  # kept from older code
+                    run["time_s_per_session"] = summarize_run_times(store)
+                if "per_session" not in (run.get("work") or {}):  # new, or older code
                     run["work"] = _work_of(counter, store, errors, key)
                     save_finished_run(work, method, seed, configs[(method, seed)], run)
                 per_method[method][seed] = run
@@ -514,7 +551,8 @@ def run_benchmark(bench: BenchConfig, methods: Sequence[str], seeds: Sequence[in
                    "method_overrides": {m: METHODS[m] for m in methods},
                    "session_config": {m: configs[(m, seeds[0])].model_dump(
                        mode="json", exclude={"scratch_dir"}) for m in methods},
-                   "cost_unit": COST_UNIT, "cost_stages_wall": list(COST_STAGES)},
+                   "cost_unit": COST_UNIT, "cost_stages_wall": list(COST_STAGES),
+                   "bytes_added": BYTES_COUNTED},
         "environment": environment,
         "sessions": [Path(u).name for u in session_urls],
         "methods": methods_out,
@@ -522,6 +560,11 @@ def run_benchmark(bench: BenchConfig, methods: Sequence[str], seeds: Sequence[in
         "significance": significance,
         "errors": errors,
     }
+
+
+def summarize_run_times(store: Path) -> dict[str, Any] | None:
+    """Stage seconds per session of a finished store (its sessions' timings.json)."""
+    return per_session_times(read_store_run(str(store))[1], STAGES)
 
 
 def _work_of(counter: WorkCounter, store: Path, errors: dict[str, str],

@@ -1,7 +1,10 @@
 """The continual benchmark's report, pure: Markdown tables and PNG plots of a results dict
-(as `benchmarks.continual` writes to continual_<config>.json).
+(as `benchmarks.continual` writes to continual_<config>.json): `<stem>_curve.png`,
+`<stem>_driftlane_matrix.png` and `<stem>_session_cost.png` (issue 14: each session's cost
+against the session index, one line per method).
 
-Covered by tests/test_continual_bench.py (Markdown); the plots by the committed PNGs.
+Covered by tests/test_continual_bench.py (Markdown, and that the plots are written); the plots'
+looks by the committed PNGs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.continual_costs import MAX_LAST_OVER_SECOND
 from benchmarks.continual_results import STAGES, TEST_METRICS
 
 # The four figures of the report's main table, per method and per seed.
@@ -70,7 +74,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {name} | "
                      + " | ".join(format_score(m.get(k), std.get(k)) for k in HEADLINE) + " |")
     lines += _cost_lines(methods)
-    lines += ["", "## Targets (issues 4 and 13)", "", "| target | measured | met |",
+    lines += _session_cost_lines(methods)
+    lines += ["", "## Targets (issues 4, 13 and 14)", "", "| target | measured | met |",
               "|---|---|---|"]
     for target in results["targets"].values():
         lines.append(f"| {target['target']} | {_fmt_measured(target['measured'])} | "
@@ -108,8 +113,9 @@ def _cost_lines(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
     joint = ((methods.get("joint") or {}).get("work") or {}).get("cost_token_equivalents")
     lines = ["", "## Cost", "",
              "Load-independent units, read back from each store: texts and tokens encoded "
-             "(every text of its embedding cache, through its windows: new documents, corpus "
-             "and memory re-embedded after each new model, queries), training steps, examples "
+             "(every text of its embedding cache, through its windows: new documents, memory "
+             "re-embedded after each new model, the whole corpus too in update mode full, "
+             "queries), training steps, examples "
              "(steps x batch size) and their tokens (each text cut at the training length). "
              "Cost = tokens encoded + 3 x tokens trained (a backward pass costs about two "
              "forward passes), in millions of forward-token equivalents. CPU s: process time "
@@ -130,15 +136,78 @@ def _cost_lines(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
                                                                       digits=0)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Wall seconds per stage, summed over the stream (embedding = the new "
-              "documents + re-embedding corpus and memory with each new model; training = "
-              "sampling + fine-tuning). Prefect's task-run records of the same runs are in the "
-              "JSON (`time_s_prefect`).", "",
+              "documents + re-embedding memory with each new model, and the corpus in update "
+              "mode full, the new documents in mode compatible; indexing = the index shards "
+              "and, in mode aligned, the map between models; training = sampling + "
+              "fine-tuning). Prefect's task-run records of the same runs are in the JSON "
+              "(`time_s_prefect`).", "",
               "| method | " + " | ".join(f"{s} s" for s in STAGES) + " |",
               "|---" * (len(STAGES) + 1) + "|"]
     for name, m in methods.items():
         times = m.get("time_s")
         lines.append(f"| {name} | " + " | ".join(
             format_score(None if times is None else times[s], digits=0) for s in STAGES) + " |")
+    return lines
+
+
+def _megabytes(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1e6:.2f}"
+
+
+def _ratio_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _session_cost_lines(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per method and session: embedding + indexing seconds, embedding + training cost and
+    bytes added (`session_costs`, means over seeds); then the sums and last / second ratios."""
+    costs = {name: m["session_costs"] for name, m in methods.items() if m.get("session_costs")}
+    if not costs:
+        return []
+    lines = ["", "## Cost per session (issue 14)", "",
+             "Per session index (means over seeds): wall seconds of embedding + indexing and of "
+             "embedding + training (timings.json), the embedding + training cost in millions of "
+             "forward-token equivalents (tokens encoded during the session + 3 x tokens "
+             "trained; a cache shard belongs to the session whose manifest was written first "
+             "after it) and the megabytes the session added to the store: its folder "
+             "`sessions/<NNNNN>_<name>/` + the embedding-cache files (`cache/`) written during "
+             "it (Prefect's task results not counted). Flat is a last / second session ratio "
+             f"<= {MAX_LAST_OVER_SECOND:g}.", "",
+             "| method | session | embedding + indexing s | embedding + training s | "
+             "embedding + training cost (M) | bytes added (MB) | session folder (MB) | "
+             "cache (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for name, c in costs.items():
+        sessions = c.get("sessions") or []
+        n = max((len(c[k]) for k in ("embedding_indexing_s", "embedding_training_cost",
+                                     "bytes_added") if c.get(k)), default=len(sessions))
+
+        for i in range(n):
+            label = f"{i} {sessions[i]}" if i < len(sessions) else str(i)
+            value = {k: None if c.get(k) is None else c[k][i] for k in (
+                "embedding_indexing_s", "embedding_training_s", "embedding_training_cost",
+                "bytes_added", "session_bytes", "cache_bytes")}
+            cells = [format_score(value["embedding_indexing_s"], digits=1),
+                     format_score(value["embedding_training_s"], digits=1),
+                     _millions(value["embedding_training_cost"]),
+                     _megabytes(value["bytes_added"]), _megabytes(value["session_bytes"]),
+                     _megabytes(value["cache_bytes"])]
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    joint = ((costs.get("joint") or {}).get("cumulative") or {}).get("embedding_training_cost")
+    lines += ["", "Over the stream: sums, and the last session over the second.", "",
+              "| method | cost (M) | / joint | embedding + indexing s | bytes added (MB) | "
+              "last / second: embedding + indexing s | last / second: bytes added | "
+              "last / second: cost |", "|---|---|---|---|---|---|---|---|"]
+    for name, c in costs.items():
+        total, flat = c.get("cumulative") or {}, c.get("last_over_second") or {}
+        cost = total.get("embedding_training_cost")
+        share = "n/a" if cost is None or not joint else f"{cost / joint:.2f}"
+        cells = [_millions(cost), share,
+                 format_score(total.get("embedding_indexing_s"), digits=1),
+                 _megabytes(total.get("bytes_added")),
+                 _ratio_text(flat.get("embedding_indexing_s")),
+                 _ratio_text(flat.get("bytes_added")),
+                 _ratio_text(flat.get("embedding_training_cost"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -187,7 +256,8 @@ def _curve_lines(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def plot_results(results: Mapping[str, Any], out_dir: Path, stem: str) -> list[Path]:
-    """PNG plots: average nDCG@10 after each session per method; driftlane's R heatmap."""
+    """PNG plots: average nDCG@10 after each session per method; driftlane's R heatmap; the
+    cost of each session per method (`plot_session_costs`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,4 +307,51 @@ def plot_results(results: Mapping[str, Any], out_dir: Path, stem: str) -> list[P
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
-    return written
+    session_plot = plot_session_costs(results, out_dir, stem)
+    return written + ([session_plot] if session_plot else [])
+
+
+# (key in session_costs, y label, scale) of the panels of the per-session cost plot
+SESSION_PANELS = (
+    ("embedding_training_cost", "embedding + training cost\n(M forward-token equivalents)", 1e6),
+    ("embedding_indexing_s", "embedding + indexing\n(wall seconds)", 1.0),
+    ("bytes_added", "bytes added to the store\n(MB: session folder + cache)", 1e6),
+)
+
+
+def plot_session_costs(results: Mapping[str, Any], out_dir: Path, stem: str) -> Path | None:
+    """`<stem>_session_cost.png`: per panel (SESSION_PANELS) each session's cost against the
+    session index, one line per method; None when no method has per-session costs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = {name: m["session_costs"] for name, m in results["methods"].items()
+             if m.get("session_costs")}
+    if not costs:
+        return None
+    sessions = next((c["sessions"] for c in costs.values() if c.get("sessions")), None)
+    fig, axes = plt.subplots(1, len(SESSION_PANELS), figsize=(15, 4.4))
+    for ax, (key, label, scale) in zip(axes, SESSION_PANELS, strict=True):
+        for name, c in costs.items():
+            column = c.get(key)
+            if column:
+                ax.plot(range(len(column)),
+                        [np.nan if v is None else v / scale for v in column], marker="o",
+                        label=name)
+        if sessions:
+            ax.set_xticks(range(len(sessions)),
+                          [f"{i}: {s}" for i, s in enumerate(sessions)], rotation=20,
+                          ha="right", fontsize=8)
+        ax.set_xlabel("session index")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Continual benchmark ({results['config']['name']}): cost of each session")
+    fig.tight_layout()
+    path = out_dir / f"{stem}_session_cost.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

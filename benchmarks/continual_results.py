@@ -1,18 +1,11 @@
 """The continual benchmark's figures, pure: from the sessions' metrics, timings and work
-counts to a method's summary, means over seeds, the issue's targets and paired significance
+counts to a method's summary, means over seeds, the issues' targets and paired significance
 tests pooled over seeds.
 
 Functions over plain dicts, arrays and frames, no file access: `benchmarks.continual_runs`
 reads the stores and Prefect's records, `benchmarks.continual_report` turns the results into
-Markdown and plots. Covered by tests/test_continual_bench.py.
-
-Cost in units that do not depend on the machine's load (`encoding_units`, `training_units`,
-`cost_token_equivalents`): texts, windows and tokens the encoder ran at inference (every text a
-store's embedding cache holds was encoded once by that run: new documents, the corpus and
-memory re-embedded after each new model, training and test queries), and training steps,
-examples (steps x batch size) and the tokens of those examples (each text cut at the training
-length). The cost targets compare forward-token equivalents: encoded tokens plus
-TRAINING_FLOP_FACTOR times the trained tokens.
+Markdown and plots. The work units, the per-session cost and the targets of issue 14 (update
+modes) are in `benchmarks.continual_costs`. Covered by tests/test_continual_bench.py.
 """
 
 from __future__ import annotations
@@ -23,6 +16,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from benchmarks.continual_costs import (
+    POINTS,
+    per_session_times,
+    session_costs,
+    update_mode_targets,
+)
+from benchmarks.continual_costs import all_known as _all_known
+from benchmarks.continual_costs import points as _points
+from benchmarks.continual_costs import ratio as _ratio
 
 # Stages of the sessions' timings.json, in report order ("total": the sum of the others).
 STAGES = ("embedding", "clustering", "training", "indexing", "evaluation", "total")
@@ -39,23 +42,18 @@ TASK_STAGES = {
     "sample_training": "training",
     "fine_tune_session": "training",
     "build_index": "indexing",
+    "align_models": "indexing",  # update mode aligned: the map old -> new model
     "evaluate_sessions": "evaluation",
 }
-# The wall-time stages behind the cost (informative only: the targets use COST_UNIT).
+# The wall-time stages behind the cost (informative only: the targets use
+# continual_costs.COST_UNIT).
 COST_STAGES = ("embedding", "training")
-# A training token costs a forward and a backward pass: about 3 forward passes (Kaplan et al.
-# 2020, "Scaling laws for neural language models": 6N against 2N FLOPs per token).
-TRAINING_FLOP_FACTOR = 3.0
-COST_UNIT = ("forward-token equivalents: tokens encoded + "
-             f"{TRAINING_FLOP_FACTOR:g} x tokens trained (steps x batch size x tokens per "
-             "example)")
 SUMMARY_METRICS = ("ndcg@10", "success@5", "recall@10", "recall@100")
 # Our metric name -> ranx metric name (as tasks.evaluation.METRICS) for the paired tests.
 TEST_METRICS = {"ndcg@10": "ndcg@10", "success@5": "hit_rate@5", "recall@10": "recall@10"}
 MAX_P = 0.05
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
-POINTS = 100.0  # a "point" of nDCG is 0.01
 
 
 # --- results of one store (pure) -------------------------------------------------------------
@@ -109,7 +107,9 @@ def summarize_run(rows: Sequence[tuple[str, dict[str, dict[str, float]]]],
                   timings: Sequence[Mapping[str, float] | None],
                   stage_times: Mapping[str, Any] | None = None,
                   wall_s: float | None = None) -> dict[str, Any]:
-    """One method and seed: final averages, backward transfer, curve, matrix and stage times.
+    """One method and seed: final averages, backward transfer, curve, matrix and stage times
+    (summed over the stream: `time_s`; per session: `time_s_per_session`, {stage: seconds
+    per session}).
 
     rows: (session name, its metrics.json) in stream order; timings: each session's
     timings.json (None where missing); stage_times: `stage_times_from_task_runs`; wall_s: the
@@ -124,65 +124,10 @@ def summarize_run(rows: Sequence[tuple[str, dict[str, dict[str, float]]]],
     out["matrix_ndcg@10"] = summary["matrix"]["ndcg@10"]
     out["sessions"] = summary["sessions"]
     out["time_s"] = sum_stage_times(timings)
+    out["time_s_per_session"] = per_session_times(timings, STAGES)
     out["time_s_prefect"] = dict(stage_times) if stage_times is not None else None
     out["wall_s"] = wall_s
     return out
-
-
-# --- work in load-independent units (pure) ---------------------------------------------------
-
-
-def window_token_counts(n_content_tokens: Sequence[int] | np.ndarray, window_tokens: int,
-                        overlap_tokens: int, n_special: int) -> np.ndarray:
-    """(n,) int64: tokens the encoder runs for each text, as `tasks.embedding.embed_texts`
-    cuts it: the content tokens of each of its windows plus `n_special` special tokens per
-    window (`window_tokens` includes them; consecutive windows share `overlap_tokens`)."""
-    from driftlane.tasks.chunking import window_table
-
-    lengths = np.asarray(n_content_tokens, dtype=np.int64).reshape(-1)  # (n,)
-    table = window_table(lengths, window_tokens - n_special, overlap_tokens)
-    per_window = table.end - table.start + n_special  # (n_windows,)
-    return np.bincount(table.doc, weights=per_window, minlength=len(lengths)).astype(np.int64)
-
-
-def encoding_units(digests: Sequence[str], n_windows: Sequence[int] | np.ndarray,
-                   known: Mapping[str, tuple[str, int]], window_tokens: int) -> dict[str, Any]:
-    """Texts, windows and tokens encoded at inference, from the rows of a store's embedding
-    cache (one row per text encoded: its digest and window count).
-
-    known: text digest -> (kind, tokens through its windows) for the texts the stream holds
-    (kind "document" or "query"); a text not among them (kind "other") counts
-    `window_tokens` per window, an upper bound.
-    """
-    windows = np.asarray(n_windows, dtype=np.int64).reshape(-1)
-    by_kind: dict[str, int] = {"document": 0, "query": 0, "other": 0}
-    tokens = 0
-    for digest, n in zip(digests, windows.tolist(), strict=True):
-        kind, count = known.get(digest, ("other", n * window_tokens))
-        by_kind[kind] = by_kind.get(kind, 0) + 1
-        tokens += int(count)
-    return {"texts": len(windows), "windows": int(windows.sum()), "tokens": tokens,
-            "texts_by_kind": by_kind}
-
-
-def training_units(sessions: Sequence[Mapping[str, float]]) -> dict[str, Any]:
-    """Steps, examples (steps x batch size) and tokens trained over the trained sessions.
-
-    sessions: per session that trained, {"steps", "batch_size", "tokens_per_example"} (the
-    mean tokens of an example's texts, each cut at the training length).
-    """
-    steps = sum(int(s["steps"]) for s in sessions)
-    examples = sum(int(s["steps"]) * int(s["batch_size"]) for s in sessions)
-    tokens = sum(int(s["steps"]) * int(s["batch_size"]) * float(s["tokens_per_example"])
-                 for s in sessions)
-    return {"steps": steps, "examples": examples, "tokens": int(round(tokens))}
-
-
-def cost_token_equivalents(work: Mapping[str, Any] | None) -> float | None:
-    """Forward-token equivalents of a run's work (COST_UNIT); None when unknown."""
-    if not work or work.get("encoded") is None or work.get("trained") is None:
-        return None
-    return float(work["encoded"]["tokens"] + TRAINING_FLOP_FACTOR * work["trained"]["tokens"])
 
 
 # --- over seeds and methods (pure) -----------------------------------------------------------
@@ -206,10 +151,12 @@ def _elementwise_mean(arrays: Sequence[Any]) -> Any:
 
 
 def _mean_of_dicts(dicts: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
-    """Key by key mean of equally shaped nested dicts of numbers (None if any is missing)."""
+    """Key by key mean of equally shaped nested dicts of numbers and lists of numbers (None
+    if any is missing)."""
     if not dicts or any(d is None for d in dicts):
         return None
-    return {key: _mean_of_dicts([d[key] for d in dicts]) if isinstance(value, Mapping)
+    return {key: _mean_of_dicts([d.get(key) for d in dicts]) if isinstance(value, Mapping)
+            else _elementwise_mean([d.get(key) for d in dicts]) if isinstance(value, list)
             else _mean_std([d.get(key) for d in dicts])[0]
             for key, value in dicts[0].items()}
 
@@ -219,9 +166,10 @@ SCALARS = (*(f"avg_{m}" for m in SUMMARY_METRICS), *(f"bwt_{m}" for m in SUMMARY
 
 
 def aggregate_seeds(per_seed: Mapping[int | str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Means over seeds (`avg_ndcg@10`, ..., `cpu_s`, `time_s` per stage, `work` counts),
-    their sample std (`std`, None with one seed) and the per-seed values (`seeds`, keyed by
-    the seed as a string)."""
+    """Means over seeds (`avg_ndcg@10`, ..., `cpu_s`, `time_s` per stage, `work` counts, and
+    per session index: `time_s_per_session`, `work.per_session` and the `session_costs` made
+    of them), their sample std (`std`, None with one seed) and the per-seed values (`seeds`,
+    keyed by the seed as a string)."""
     runs = list(per_seed.values())
     out: dict[str, Any] = {}
     std: dict[str, float | None] = {}
@@ -236,18 +184,18 @@ def aggregate_seeds(per_seed: Mapping[int | str, Mapping[str, Any]]) -> dict[str
             out[key] = None
     out["std"] = std
     out["work"] = _mean_of_dicts([run.get("work") for run in runs])
+    per_session = [run.get("time_s_per_session") for run in runs]
+    out["time_s_per_session"] = _mean_of_dicts(per_session) if runs else None
     out["curve_ndcg@10"] = _elementwise_mean([run.get("curve_ndcg@10") for run in runs]) \
         if runs else None
     out["matrix_ndcg@10"] = _elementwise_mean([run.get("matrix_ndcg@10") for run in runs]) \
         if runs else None
     out["sessions"] = runs[0].get("sessions") if runs else None
+    out["session_costs"] = session_costs(out["sessions"], out["time_s_per_session"],
+                                         out["work"])
     out["n_seeds"] = len(runs)
     out["seeds"] = {str(seed): dict(run) for seed, run in per_seed.items()}
     return out
-
-
-def _points(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else round((a - b) * POINTS, 3)
 
 
 def cost_seconds(time_s: Mapping[str, float] | None) -> float | None:
@@ -255,14 +203,6 @@ def cost_seconds(time_s: Mapping[str, float] | None) -> float | None:
     if time_s is None:
         return None
     return float(sum(time_s[s] for s in COST_STAGES))
-
-
-def _all_known(*values: Any) -> bool:
-    return all(v is not None for v in values)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 4) if _all_known(a, b) and b else None
 
 
 # Replay baselines driftlane must beat, with the margin in points (those not run are skipped).
@@ -273,8 +213,10 @@ def evaluate_targets(methods: Mapping[str, Mapping[str, Any]],
                      significance: Mapping[str, Any] | None = None
                      ) -> dict[str, dict[str, Any]]:
     """The targets of issues 4 and 13, from the means over seeds and the pooled paired tests
-    (`pooled_paired_tests`); `met` is None when a figure is missing (a method not run or
-    failed, no test). Differences are in nDCG points (0.01); the cost is in COST_UNIT."""
+    (`pooled_paired_tests`), then those of issue 14 on the update modes
+    (`continual_costs.update_mode_targets`, each only when the methods it needs ran); `met`
+    is None when a figure is missing (a method not run or failed, no test). Differences are
+    in nDCG points (0.01); the cost is in continual_costs.COST_UNIT."""
 
     def get(method: str, key: str) -> Any:
         return methods.get(method, {}).get(key)
@@ -300,7 +242,7 @@ def evaluate_targets(methods: Mapping[str, Mapping[str, Any]],
     ratio = _ratio(work("driftlane", "cost_token_equivalents"),
                    work("joint", "cost_token_equivalents"))
     selfsup = _points(get("driftlane_selfsup", "avg_ndcg@10"), get("zero_shot", "avg_ndcg@10"))
-    return {
+    targets = {
         "driftlane_above_zero_shot": {
             "target": "driftlane avg nDCG@10 >= zero_shot + 3 points, significant at "
                       f"p < {MAX_P} (paired t-test per query, pooled over seeds)",
@@ -346,6 +288,7 @@ def evaluate_targets(methods: Mapping[str, Mapping[str, Any]],
             "met": met(selfsup is not None and selfsup >= 1, selfsup),
         },
     }
+    return {**targets, **update_mode_targets(methods)}
 
 
 # --- paired significance tests -------------------------------------------------------------

@@ -21,22 +21,28 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks.continual_report import format_score
-from benchmarks.continual_results import (
+from benchmarks.continual_costs import (
     cost_token_equivalents,
     encoding_units,
+    file_time,
+    owners_by_time,
+    per_session_work,
+    training_units,
+    window_token_counts,
+)
+from benchmarks.continual_report import format_score
+from benchmarks.continual_results import (
     run_from_frame,
     stage_times_from_task_runs,
     stream_qrels,
     summarize_run,
     task_function_name,
-    training_units,
-    window_token_counts,
 )
 
 if TYPE_CHECKING:
@@ -187,14 +193,17 @@ def load_finished_run(work: Path, method: str, seed: int, config: Any,
 
 
 class WorkCounter:
-    """A finished store's work in load-independent units, read back from the store.
+    """A finished store's work in load-independent units, in all and per session, and the
+    bytes each session added to the store (`continual_costs.per_session_work`), read back from
+    the store.
 
     Encoding: every text the store's embedding cache holds was encoded once by the run (each
-    stage embeds only what the cache lacks: new documents, the corpus and memory re-embedded
-    after a new model, training, buffered and test queries). The cache keeps each text's
-    digest and window count (`cache/<model version>/<chunking>/<shard>.digests.parquet`, see
-    infra.embedding_cache); the tokens come from the stream's documents and queries,
-    tokenized and cut into windows as the encoder does. Training: per trained session, its
+    stage embeds only what the cache lacks: new documents, memory re-embedded after a new
+    model, the corpus too in update mode full, training, buffered and test queries). The
+    cache keeps each text's digest and window count
+    (`cache/<model version>/<chunking>/<shard>.digests.parquet`, see infra.embedding_cache);
+    the tokens come from the stream's documents and queries, tokenized and cut into windows
+    as the encoder does. Training: per trained session, its
     steps (training/training.json), batch size and training length (config.json) and the
     mean tokens of its examples (training/examples.parquet: anchor, positive and, when the
     loss used them, negative texts, each cut at the training length).
@@ -267,7 +276,9 @@ class WorkCounter:
 
     def work_of_store(self, store_url: str) -> dict[str, Any]:
         """{"encoded": `encoding_units`, "trained": `training_units`,
-        "cost_token_equivalents"} of the store's published sessions and cache."""
+        "cost_token_equivalents", "per_session": `per_session_work`} of the store's
+        published sessions and cache (a cache shard belongs to the session whose manifest was
+        the first written after it: the time in its name)."""
         from driftlane.infra.io import read_parquet
         from driftlane.infra.store import Store
 
@@ -279,26 +290,54 @@ class WorkCounter:
             texts, content = self._session_texts(store, manifest)
             known.update(texts)
             doc_content.update(content)
-        shards = [read_parquet(store.fs.unstrip_protocol(path)) for path in sorted(
-            store.fs.glob(store.path("cache", "*", "*", "*.digests.parquet")))]
+        paths = sorted(store.fs.glob(store.path("cache", "*", "*", "*.digests.parquet")))
+        shards = [read_parquet(store.fs.unstrip_protocol(path)) for path in paths]
+        shard_units = [encoding_units(shard["digest"].astype(str).tolist(),
+                                      shard["n_windows"].to_numpy(np.int64), known,
+                                      self.window_tokens) for shard in shards]
         digests = [d for shard in shards for d in shard["digest"].astype(str)]
         windows = np.concatenate([shard["n_windows"].to_numpy(np.int64) for shard in shards]) \
             if shards else np.zeros(0, np.int64)
-        trained = []
-        for manifest in manifests:
+        trained: dict[int, dict[str, float]] = {}
+        for i, manifest in enumerate(manifests):
             if "training/training.json" not in manifest.files:
                 continue  # this session did not train
             training = store.read_json(manifest, "training/training.json")
             finetune = store.read_json(manifest, "config.json")["finetune"]
             examples = read_parquet(store.session_url(manifest, "training/examples.parquet"))
-            trained.append({"steps": training["steps"], "batch_size": finetune["batch_size"],
-                            "tokens_per_example": self._tokens_per_example(
-                                examples, doc_content, finetune["max_seq_length"],
-                                bool(training.get("hard_negatives", True)))})
-        work = {"encoded": encoding_units(digests, windows, known, self.window_tokens),
-                "trained": training_units(trained)}
+            trained[i] = {"steps": training["steps"], "batch_size": finetune["batch_size"],
+                          "tokens_per_example": self._tokens_per_example(
+                              examples, doc_content, finetune["max_seq_length"],
+                              bool(training.get("hard_negatives", True)))}
+        work: dict[str, Any] = {
+            "encoded": encoding_units(digests, windows, known, self.window_tokens),
+            "trained": training_units(list(trained.values()))}
         work["cost_token_equivalents"] = cost_token_equivalents(work)
+        if manifests:
+            published = [_published_at(store, m) for m in manifests]
+            files = _files_with_times(store, store.path("cache"))
+            work["per_session"] = per_session_work(
+                len(manifests), owners_by_time([file_time(p) for p in paths], published),
+                shard_units, trained,
+                [sum(size for size, _ in _files_with_times(
+                    store, store.path("sessions", m.folder))) for m in manifests],
+                owners_by_time([t for _, t in files], published), [b for b, _ in files])
         return work
+
+
+def _files_with_times(store: Any, folder: str) -> list[tuple[int, float]]:
+    """(bytes, when written: `continual_costs.file_time`) of every file under `folder`."""
+    found = store.fs.find(folder, detail=True) if store.fs.exists(folder) else {}
+    return [(int(info.get("size") or 0), file_time(path, info.get("mtime")))
+            for path, info in found.items()]
+
+
+def _published_at(store: Any, manifest: Any) -> float:
+    """When the session's manifest was written: its modification time, else the end of the
+    second its created_at names."""
+    info = store.fs.info(store.path("sessions", manifest.folder, "manifest.json"))
+    return file_time("manifest.json", info.get("mtime"),
+                     datetime.fromisoformat(manifest.created_at).timestamp() + 1.0)
 
 
 class LoadSampler:

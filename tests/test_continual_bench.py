@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -15,7 +18,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import continual, continual_report, continual_results  # noqa: E402
+from benchmarks import (  # noqa: E402
+    continual,
+    continual_costs,
+    continual_report,
+    continual_results,
+)
 
 # R[i][j] of nDCG@10 for a three-session stream, by hand; other metrics are 0.1 lower.
 NDCG = [[0.50, None, None],
@@ -61,6 +69,25 @@ def test_every_method_builds_a_valid_session_config():
         "self_supervised"
     assert ours.embedding.chunking.window_tokens <= min(128, ours.finetune.max_seq_length)
     assert 64 <= ours.finetune.max_seq_length <= 96
+
+
+def test_update_modes_of_the_methods():
+    small = continual.CONFIGS["small"]
+    modes = {m: continual.method_config(small, m, 0).update.mode.value for m in continual.METHODS}
+    assert modes["driftlane"] == "aligned"  # the default
+    assert modes["driftlane_full"] == modes["joint"] == "full"  # joint: a retrained model
+    assert modes["driftlane_compatible"] == "compatible"
+    assert {modes[m] for m in ("zero_shot", "sequential", "random_replay",
+                               "driftlane_selfsup")} == {"aligned"}
+    # the modes differ from driftlane in their update mode only
+    ours = continual.method_settings(small, "driftlane", 0)
+    for method in ("driftlane_full", "driftlane_compatible"):
+        theirs = continual.method_settings(small, method, 0)
+        assert {k: v for k, v in theirs.items() if k != "update"} == ours
+    # baselines first: the pooled tests read "driftlane vs driftlane_full"
+    names = list(continual.METHODS)
+    assert names.index("driftlane_full") < names.index("driftlane")
+    assert names.index("driftlane_compatible") < names.index("driftlane")
 
 
 def test_small_stays_as_committed_and_medium_is_larger():
@@ -112,6 +139,10 @@ def test_summary_of_one_run_from_a_hand_made_matrix():
     assert run["bwt_ndcg@10"] == pytest.approx(-0.05)
     assert run["curve_ndcg@10"] == pytest.approx([0.50, 0.50, (0.45 + 0.55 + 0.70) / 3])
     assert run["time_s"] is None  # one session without timings: no partial sums
+    assert run["time_s_per_session"]["embedding"] == [10.0, 5.0, None]  # but per session
+    assert run["time_s_per_session"]["training"] == [20.0, 30.0, None]
+    assert continual_results.summarize_run(rows_from(NDCG), [None] * 3)["time_s_per_session"] \
+        is None
     complete = continual_results.summarize_run(
         rows_from(NDCG), [timings(10, 20), timings(5, 30), timings(1, 1)])
     assert complete["time_s"]["training"] == pytest.approx(51.0)
@@ -192,6 +223,84 @@ def test_targets_from_hand_made_figures():
     assert missing["driftlane_backward_transfer"]["met"] is True
     no_test = continual_results.evaluate_targets(methods)  # no pooled test: not verifiable
     assert no_test["driftlane_above_zero_shot"]["met"] is None
+    # issue 14: no driftlane_full run, no comparison with it; the cost against joint from the
+    # work counts; no per-session costs, nothing to say about flatness
+    assert "default_mode_close_to_full" not in no_test
+    assert no_test["update_cost_vs_joint"]["measured"]["cost_ratio"] == pytest.approx(0.4)
+    assert no_test["update_cost_vs_joint"]["met"] is True
+    assert no_test["embedding_indexing_time_flat"]["met"] is None
+    assert no_test["bytes_added_flat"]["met"] is None
+    assert "update_cost_vs_joint" not in missing  # joint not run
+
+
+def mode_method(avg, cost, seconds, megabytes):
+    """A method's means with per-session costs: its work all encoding (`cost` tokens, spread
+    over 3 sessions), embedding seconds and megabytes added per session."""
+    out = method(avg, encoded=cost, trained=0)
+    n = len(seconds)
+    per_session = {"encoded_tokens": [cost / n] * n, "trained_tokens": [0] * n,
+                   "session_bytes": [m * 1e6 for m in megabytes], "cache_bytes": [0] * n}
+    times = {"embedding": seconds, "indexing": [0.0] * n, "training": [1.0] * n}
+    out["session_costs"] = continual_costs.session_costs(SESSIONS, times,
+                                                         {"per_session": per_session})
+    return out
+
+
+def test_update_mode_targets_met_and_not_met():
+    met = {
+        "joint": mode_method(0.45, 20e6, [10, 20, 30], [1, 2, 3]),
+        "driftlane_full": mode_method(0.44, 15e6, [10, 20, 30], [1, 2, 3]),
+        "driftlane_compatible": mode_method(0.43, 9e6, [10, 10, 11], [1, 1, 1]),
+        "driftlane": mode_method(0.435, 8e6, [10, 10, 12], [1, 1, 1.2]),
+    }
+    targets = continual_results.evaluate_targets(met)
+    close = targets["default_mode_close_to_full"]
+    assert close["measured"] == {"driftlane_minus_driftlane_full_points": pytest.approx(-0.5)}
+    assert close["met"] is True
+    cost = targets["update_cost_vs_joint"]
+    assert cost["measured"]["driftlane_cumulative_cost"] == 8e6
+    assert cost["measured"]["joint_cumulative_cost"] == 20e6
+    assert cost["measured"]["cost_ratio"] == pytest.approx(0.4)  # at the limit: met
+    assert cost["measured"]["driftlane_full_cost_ratio"] == pytest.approx(0.75)
+    assert cost["measured"]["driftlane_compatible_cost_ratio"] == pytest.approx(0.45)
+    assert cost["met"] is True
+    time_flat = targets["embedding_indexing_time_flat"]
+    assert time_flat["measured"]["driftlane_last_over_second"] == pytest.approx(1.2)
+    assert time_flat["measured"]["driftlane_full_last_over_second"] == pytest.approx(1.5)
+    assert time_flat["measured"]["joint_last_over_second"] == pytest.approx(1.5)
+    assert time_flat["met"] is True
+    bytes_flat = targets["bytes_added_flat"]
+    assert bytes_flat["measured"]["driftlane_last_over_second"] == pytest.approx(1.2)
+    assert bytes_flat["met"] is True
+
+    worse = {**met, "driftlane": mode_method(0.425, 9e6, [10, 10, 13], [1, 1, 2])}
+    targets = continual_results.evaluate_targets(worse)
+    assert targets["default_mode_close_to_full"]["measured"][
+        "driftlane_minus_driftlane_full_points"] == pytest.approx(-1.5)
+    assert targets["default_mode_close_to_full"]["met"] is False
+    assert targets["update_cost_vs_joint"]["measured"]["cost_ratio"] == pytest.approx(0.45)
+    assert targets["update_cost_vs_joint"]["met"] is False
+    assert targets["embedding_indexing_time_flat"]["measured"][
+        "driftlane_last_over_second"] == pytest.approx(1.3)
+    assert targets["embedding_indexing_time_flat"]["met"] is False
+    assert targets["bytes_added_flat"]["measured"][
+        "driftlane_last_over_second"] == pytest.approx(2.0)
+    assert targets["bytes_added_flat"]["met"] is False
+
+    # better than full by more than a point is fine: "within" bounds the loss, not the gain
+    better = {**met, "driftlane": mode_method(0.46, 8e6, [10, 10, 12], [1, 1, 1.2])}
+    assert continual_results.evaluate_targets(better)["default_mode_close_to_full"]["met"]
+    # only the targets whose methods ran
+    alone = continual_costs.update_mode_targets({"driftlane_full": met["driftlane_full"],
+                                                 "joint": met["joint"]})
+    assert alone == {}
+    no_joint = continual_costs.update_mode_targets({"driftlane": met["driftlane"],
+                                                    "driftlane_full": met["driftlane_full"]})
+    assert set(no_joint) == {"default_mode_close_to_full", "embedding_indexing_time_flat",
+                             "bytes_added_flat"}
+    failed_full = {**met, "driftlane_full": {"avg_ndcg@10": None}}  # ran, no figure
+    assert continual_results.evaluate_targets(failed_full)[
+        "default_mode_close_to_full"]["met"] is None
 
 
 def test_qrels_and_run_use_session_scoped_keys():
@@ -210,15 +319,19 @@ def test_qrels_and_run_use_session_scoped_keys():
                    "01_b/1": {"__none__": 0.0}}
 
 
-def test_markdown_report_shows_methods_cost_targets_tests_and_seeds():
+def test_markdown_report_shows_methods_cost_targets_tests_and_seeds(tmp_path):
     stage_times = continual_results.stage_times_from_task_runs(
         [("embed_documents", 30.0), ("fine_tune_session", 60.0)], [100.0])
     per_seed = continual_results.summarize_run(rows_from(NDCG), [timings(10, 20)] * 3,
                                                stage_times, wall_s=99.0)
     per_seed["cpu_s"] = 150.0
     work = {"encoded": {"texts": 1200, "windows": 1500, "tokens": 2_000_000},
-            "trained": {"steps": 10, "examples": 160, "tokens": 500_000}}
-    work["cost_token_equivalents"] = continual_results.cost_token_equivalents(work)
+            "trained": {"steps": 10, "examples": 160, "tokens": 500_000},
+            "per_session": {"encoded_tokens": [1_000_000, 500_000, 500_000],
+                            "trained_tokens": [200_000, 150_000, 150_000],
+                            "session_bytes": [1_000_000, 2_000_000, 2_500_000],
+                            "cache_bytes": [500_000, 500_000, 500_000]}}
+    work["cost_token_equivalents"] = continual_costs.cost_token_equivalents(work)
     methods = {"zero_shot": continual_results.aggregate_seeds({0: per_seed}),
                "driftlane": continual_results.aggregate_seeds({0: {**per_seed, "work": work}})}
     test = continual_results.pooled_paired_test({"0": {"q1": 0.9, "q2": 0.5}},
@@ -241,6 +354,21 @@ def test_markdown_report_shows_methods_cost_targets_tests_and_seeds():
     # cost: 2M encoded + 3 x 0.5M trained = 3.5M forward-token equivalents
     assert "| driftlane | 3.50 | n/a | 2.00 | 1,200 | 10 | 160 | 0.50 | 150 | 99 |" in text
     assert "| driftlane | 30 | 6 | 60 | 3 | 9 | 108 |" in text  # wall seconds per stage
+    # per session: embedding + indexing 10 + 1 s, embedding + training 10 + 20 s, cost
+    # 1M + 3 x 0.2M, bytes added 1 MB folder + 0.5 MB cache
+    assert "| driftlane | 0 00_a | 11.0 | 30.0 | 1.60 | 1.50 | 1.00 | 0.50 |" in text
+    assert "| driftlane | 2 02_c | 11.0 | 30.0 | 0.95 | 3.00 | 2.50 | 0.50 |" in text
+    assert "| zero_shot | 1 01_b | 11.0 | 30.0 | n/a | n/a | n/a | n/a |" in text  # no counts
+    # sums and last / second: 3.0 MB / 2.5 MB = 1.2
+    assert "| driftlane | 3.50 | n/a | 33.0 | 7.00 | 1.00 | 1.20 | 1.00 |" in text
+    assert "## Targets (issues 4, 13 and 14)" in text
+    assert "embedding + indexing wall seconds: last session / second session <= 1.25 | " \
+        "driftlane_last_over_second = 1.0 | met |" in text
+    written = continual_report.plot_results(results, tmp_path, "continual_x")
+    assert [p.name for p in written] == ["continual_x_curve.png",
+                                         "continual_x_driftlane_matrix.png",
+                                         "continual_x_session_cost.png"]
+    assert all(p.stat().st_size > 0 for p in written)
     assert per_seed["time_s_prefect"]["other"] == pytest.approx(10.0)
     assert "| zero_shot | 0 | 0.5667 |" in text
     # one query +0.5, one tie: mean +25 points, bootstrap interval [0, 50]
@@ -341,24 +469,24 @@ def test_pooled_tests_pair_every_method_baselines_second():
 def test_tokens_through_windows_by_hand():
     # 96-token windows with 2 special tokens hold 94 content tokens; stride 94 - 16 = 78.
     # 200 tokens: [0, 94), [78, 172), [106, 200) -> 3 x 94 + 3 x 2 = 288
-    counts = continual_results.window_token_counts([200, 50, 0, 94, 95], 96, 16, 2)
+    counts = continual_costs.window_token_counts([200, 50, 0, 94, 95], 96, 16, 2)
     assert counts.tolist() == [288, 52, 2, 96, 192]
 
 
 def test_encoding_and_training_units_and_their_cost():
-    encoded = continual_results.encoding_units(
+    encoded = continual_costs.encoding_units(
         ["d1", "d2", "d3"], [3, 1, 2], {"d1": ("document", 288), "d2": ("query", 12)},
         window_tokens=96)
     # d3 is no text of the stream: its 2 windows count 96 tokens each
     assert encoded == {"texts": 3, "windows": 6, "tokens": 288 + 12 + 2 * 96,
                        "texts_by_kind": {"document": 1, "query": 1, "other": 1}}
-    trained = continual_results.training_units([
+    trained = continual_costs.training_units([
         {"steps": 3, "batch_size": 16, "tokens_per_example": 200.5},
         {"steps": 2, "batch_size": 16, "tokens_per_example": 100.0}])
     assert trained == {"steps": 5, "examples": 80, "tokens": 48 * 200.5 + 32 * 100}
     work = {"encoded": encoded, "trained": trained}
-    assert continual_results.cost_token_equivalents(work) == 492 + 3 * 12824
-    assert continual_results.cost_token_equivalents({"encoded": encoded, "trained": None}) \
+    assert continual_costs.cost_token_equivalents(work) == 492 + 3 * 12824
+    assert continual_costs.cost_token_equivalents({"encoded": encoded, "trained": None}) \
         is None
 
 
@@ -395,6 +523,155 @@ def test_aggregate_averages_cpu_seconds_and_work():
         is None  # a seed without counts: no partial mean
 
 
+# --- cost per session (issue 14) ---------------------------------------------------------------
+
+
+def test_files_belong_to_the_session_whose_manifest_follows_them():
+    published = [100.0, 200.0, 300.0]
+    owners = continual_costs.owners_by_time([50.0, 100.0, 100.4, 150.0, 300.2, 999.0],
+                                            published)
+    assert owners == [0, 0, 0, 1, 2, 2]  # 0.5 s of slack; after the last: the last session
+    assert continual_costs.owners_by_time([100.4], published, slack_s=0.0) == [1]
+    # a cache shard's name holds its time in nanoseconds; other files use their mtime
+    name = "cache/m/c-vec-e1/01700000000123456789-abcdef012345.vectors.npy"
+    assert continual_costs.file_time(name, 5.0) == pytest.approx(1_700_000_000.123456789)
+    assert continual_costs.file_time("x/manifest.json", 5.0) == 5.0
+    assert continual_costs.file_time("x/manifest.json", "yesterday", default=7.0) == 7.0
+    with pytest.raises(ValueError, match="no published session"):
+        continual_costs.owners_by_time([1.0], [])
+
+
+def per_session_work():
+    """Three sessions' work by hand: cache shards of sessions 0, 2, 2; sessions 0 and 2
+    trained; session folders of 1000-1200 bytes; cache files of sessions 0, 0, 1, 2."""
+    return continual_costs.per_session_work(
+        3, shard_owners=[0, 2, 2],
+        shard_units=[{"texts": 2, "tokens": 100}, {"texts": 1, "tokens": 40},
+                     {"texts": 3, "tokens": 60}],
+        trained={0: {"steps": 2, "batch_size": 16, "tokens_per_example": 10.0},
+                 2: {"steps": 1, "batch_size": 16, "tokens_per_example": 20.0}},
+        session_bytes=[1000, 1100, 1200], cache_owners=[0, 0, 1, 2],
+        cache_file_bytes=[10, 20, 30, 40])
+
+
+def test_work_and_bytes_per_session_by_hand():
+    assert per_session_work() == {
+        "encoded_texts": [2, 0, 4], "encoded_tokens": [100, 0, 100],
+        "trained_steps": [2, 0, 1], "trained_examples": [32, 0, 16],
+        "trained_tokens": [320, 0, 320], "session_bytes": [1000, 1100, 1200],
+        "cache_bytes": [30, 30, 40]}
+
+
+def test_session_costs_sums_and_last_over_second():
+    times = continual_costs.per_session_times(
+        [timings(10, 20, 2), timings(4, 30, 1), timings(5, 0, 1)], continual_results.STAGES)
+    costs = continual_costs.session_costs(SESSIONS, times, {"per_session": per_session_work()})
+    assert costs["sessions"] == SESSIONS
+    assert costs["embedding_indexing_s"] == [12.0, 5.0, 6.0]
+    assert costs["embedding_training_s"] == [30.0, 34.0, 5.0]
+    # tokens encoded + 3 x tokens trained
+    assert costs["embedding_training_cost"] == [100 + 960, 0, 100 + 960]
+    assert costs["bytes_added"] == [1030, 1130, 1240]
+    assert costs["cumulative"]["embedding_training_cost"] == 2120
+    assert costs["cumulative"]["embedding_indexing_s"] == 23.0
+    assert costs["cumulative"]["bytes_added"] == 3400
+    flat = costs["last_over_second"]
+    assert flat["embedding_indexing_s"] == pytest.approx(1.2)
+    assert flat["bytes_added"] == pytest.approx(1240 / 1130, abs=1e-4)
+    assert flat["embedding_training_cost"] is None  # the second session cost nothing
+    # a session without timings: its seconds, their sum and a ratio through it are unknown
+    partial = continual_costs.session_costs(
+        SESSIONS, continual_costs.per_session_times([timings(10, 20), timings(4, 30), None],
+                                                    continual_results.STAGES), None)
+    assert partial["embedding_indexing_s"] == [11.0, 5.0, None]
+    assert partial["cumulative"]["embedding_indexing_s"] is None
+    assert partial["last_over_second"]["embedding_indexing_s"] is None
+    assert partial["bytes_added"] is None and partial["cumulative"]["bytes_added"] is None
+    assert continual_costs.session_costs(SESSIONS, None, {"encoded": {}}) is None
+    assert continual_costs.last_over_second([5.0]) is None  # one session: no second
+
+
+def test_aggregate_averages_the_per_session_costs_over_seeds():
+    def run(scale):
+        work = per_session_work()
+        work = {"per_session": {k: [v * scale for v in values] for k, values in work.items()}}
+        return {"avg_ndcg@10": 0.5, "sessions": SESSIONS, "work": work,
+                "time_s_per_session": continual_costs.per_session_times(
+                    [timings(10 * scale, 20), timings(4 * scale, 30), timings(5 * scale, 0)],
+                    continual_results.STAGES)}
+
+    out = continual_results.aggregate_seeds({0: run(1), 1: run(3)})
+    assert out["work"]["per_session"]["cache_bytes"] == [60.0, 60.0, 80.0]  # mean of x1, x3
+    assert out["time_s_per_session"]["embedding"] == [20.0, 8.0, 10.0]
+    costs = out["session_costs"]
+    assert costs["sessions"] == SESSIONS
+    assert costs["embedding_indexing_s"] == [21.0, 9.0, 11.0]
+    assert costs["bytes_added"] == [2060.0, 2260.0, 2480.0]
+    assert costs["last_over_second"]["embedding_indexing_s"] == pytest.approx(11 / 9, abs=1e-4)
+    older = {k: v for k, v in run(1).items() if k != "time_s_per_session"}  # older code
+    mixed = continual_results.aggregate_seeds({0: run(1), 1: older})
+    assert mixed["time_s_per_session"] is None
+    assert mixed["session_costs"]["embedding_indexing_s"] is None
+    assert mixed["session_costs"]["bytes_added"] == [1030.0, 1130.0, 1240.0]
+
+
+class WordTokenizer:  # one token per word
+    def __call__(self, texts, **_):
+        return {"input_ids": [[7] * len(text.split()) for text in texts]}
+
+
+def test_work_of_a_hand_made_store_splits_over_its_sessions(tmp_path):
+    from benchmarks.continual_runs import WorkCounter
+    from driftlane.infra.config import ChunkingConfig
+    from driftlane.infra.embedding_cache import EmbeddedTexts, EmbeddingCache
+    from driftlane.infra.store import SessionManifest, Store
+    from driftlane.tasks.texts import text_digest
+
+    counter = object.__new__(WorkCounter)  # no encoder to load
+    counter.tokenizer, counter.n_special, counter._sessions = WordTokenizer(), 2, {}
+    counter.window_tokens, counter.overlap_tokens = 96, 16
+    store = Store(str(tmp_path / "store"))
+    store.ensure()
+    cache = EmbeddingCache(store.cache_url, "m1", ChunkingConfig(window_tokens=96,
+                                                                  overlap_tokens=16))
+    for index, (name, docs) in enumerate({"a": ["one two three", "four"],
+                                          "b": ["five six"]}.items()):
+        texts = [*docs, f"query of {name}"]
+        cache.add([text_digest(t) for t in texts],
+                  EmbeddedTexts(np.zeros((len(texts), 4), np.float32),
+                                np.ones(len(texts), np.int32)))
+        folder = tmp_path / name
+        folder.mkdir()
+        pd.DataFrame({"doc_id": [str(i) for i in range(len(docs))], "title": [""] * len(docs),
+                      "text": docs}).to_parquet(folder / "docs.parquet")
+        pd.DataFrame({"query_id": ["q"], "text": [f"query of {name}"]}).to_parquet(
+            folder / "queries.parquet")
+        store.publish_session(folder, SessionManifest(
+            name=name, index=index, digest=f"d{index}", model_version="m1",
+            n_docs=len(docs), n_queries=1, config_digest="c"))
+        if index == 0:  # the next session writes its cache files after this one's manifest
+            time.sleep(continual_costs.CLOCK_SLACK_S + 0.1)
+    work = counter.work_of_store(store.url)
+
+    def sizes(folder):
+        return {path.name: path.stat().st_size for path in sorted(folder.rglob("*"))
+                if path.is_file()}
+
+    # tokens: each content word + 2 special tokens; a: 5 + 3 + 5 (query), b: 4 + 5
+    assert work["encoded"]["tokens"] == 22 and work["encoded"]["texts"] == 5
+    per = work["per_session"]
+    assert per["encoded_tokens"] == [13, 9] and per["encoded_texts"] == [3, 2]
+    assert per["trained_tokens"] == [0, 0] and per["trained_steps"] == [0, 0]
+    sessions = store.path("sessions")
+    assert per["session_bytes"] == [sum(sizes(Path(sessions) / f).values())
+                                    for f in sorted(os.listdir(sessions))]
+    cache_files = sizes(Path(store.path("cache")))
+    shards = sorted({name.split(".")[0] for name in cache_files})
+    assert len(shards) == 2
+    assert per["cache_bytes"] == [sum(b for n, b in cache_files.items() if n.startswith(s))
+                                  for s in shards]
+
+
 # --- what to run: configurations, ad-hoc streams, names --------------------------------------
 
 
@@ -424,6 +701,13 @@ def test_a_configuration_run_and_its_subsets(folders):
     subset = continual.request_from_argv(["--methods", "driftlane,zero_shot", "--seeds", "3"])
     assert subset.methods == ("zero_shot", "driftlane")  # report order
     assert subset.seeds == (3,) and subset.stem == "continual_small_subset"
+    modes = continual.request_from_argv(["--methods", "zero_shot", "driftlane", "driftlane_full",
+                                         "driftlane_compatible", "joint"])
+    assert modes.methods == ("zero_shot", "joint", "driftlane_full", "driftlane_compatible",
+                             "driftlane")
+    assert modes.stem == "continual_small_subset"
+    assert {"driftlane", "driftlane_full", "driftlane_compatible", "joint"} <= set(
+        request.methods)  # medium runs the update modes too
     assert continual.request_from_argv([]).stem == "continual_small"  # `make bench`
 
 
