@@ -24,15 +24,13 @@ from prefect.runtime import flow_run
 from driftlane.infra.caching import result_storage_for, scratch_for
 from driftlane.infra.config import LockConfig, RunnerConfig, SessionConfig
 from driftlane.infra.runners import shard_runner
-from driftlane.infra.store import Store, StoreError, normalize_url
+from driftlane.infra.store import REINDEX_DIR, REINDEX_RECORD, Store, StoreError, normalize_url
 from driftlane.infra.writer import held_store_lock, store_writer
 from driftlane.tasks.evaluation import evaluate_sessions
 from driftlane.tasks.indexing import build_index, reembed_sources
 from driftlane.tasks.models import start_model
 from driftlane.tasks.publishing import (
     INDEX_BLOCKS,
-    REINDEX_DIR,
-    REINDEX_RECORD,
     index_blocks_record,
     previous_model,
     published_sources,

@@ -6,6 +6,8 @@ Layout (everything relative to the store root):
     sessions/<index>_<name>/        one folder per published session
         manifest.json               written last: a folder without it is not a session
         ...                         parquet / npy / faiss / JSON outputs of the session
+    reindex/<index>_<name>/         `driftlane reindex` of that session: a full index;
+        reindex.json                written last, with its files' sizes and digests
     .staging/                       uploads in progress (ignored by readers)
     cache/                          content-addressed caches (embeddings)
     results/                        Prefect's persisted task results
@@ -38,6 +40,9 @@ STORE_FORMAT = 1
 MANIFEST = "manifest.json"
 # Beside a manifest, never in it: the published files `driftlane gc` removed on purpose.
 GC_RECORD = "gc.json"
+# `driftlane reindex` publishes reindex/<session folder>/ with this record written last
+REINDEX_DIR = "reindex"
+REINDEX_RECORD = "reindex.json"
 
 
 class StoreError(RuntimeError):
@@ -173,32 +178,64 @@ class Store:
         Files `driftlane gc` removed on purpose (`gc.json`) are left out."""
         problems = []
         for m in manifests:
-            folder = self.path("sessions", m.folder)
-            try:
-                found = {posixpath.relpath(info["name"], folder): info
-                         for info in self.fs.find(folder, detail=True).values()}
-            except FileNotFoundError:
-                found = {}
+            folder = ("sessions", m.folder)
+            found = self._listing(folder)
             removed = self.removed_files(m) if GC_RECORD in found else set()
-            for rel, record in sorted(m.files.items()):
-                if rel in removed:
+            problems += self._damaged(folder, found, m.files, removed, digests, "manifest")
+        # re-indexes (`driftlane reindex`) of published sessions, checked against their record
+        names = {m.folder for m in manifests}
+        for folder in self._reindexed_folders():
+            if folder[-1] not in names:
+                continue
+            found = self._listing(folder)
+            if REINDEX_RECORD not in found:
+                continue  # an interrupted re-index: not published, replaced by the next one
+            with self.fs.open(self.path(*folder, REINDEX_RECORD), "rb") as f:
+                record = json.loads(f.read())
+            problems += self._damaged(folder, found, record.get("files", {}), set(), digests,
+                                      REINDEX_RECORD)
+        return problems
+
+    def _listing(self, folder: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        """{relative path: fsspec info} of every file under the store folder `folder`."""
+        root = self.path(*folder)
+        try:
+            return {posixpath.relpath(info["name"], root): info
+                    for info in self.fs.find(root, detail=True).values()}
+        except FileNotFoundError:
+            return {}
+
+    def _reindexed_folders(self) -> list[tuple[str, ...]]:
+        root = self.path(REINDEX_DIR)
+        if not self.fs.exists(root):
+            return []
+        return [(REINDEX_DIR, posixpath.basename(p.rstrip("/")))
+                for p in self.fs.ls(root, detail=False)]
+
+    def _damaged(self, folder: tuple[str, ...], found: dict[str, dict[str, Any]],
+                 files: dict[str, dict[str, Any]], removed: set[str],
+                 digests: DigestCache | None, what: str) -> list[str]:
+        """Problems of the files `files` records in `folder`, `found` there (see above)."""
+        problems = []
+        for rel, record in sorted(files.items()):
+            if rel in removed:
+                continue
+            url = self.url_of(*folder, rel)
+            size = found[rel].get("size") if rel in found else None
+            if rel not in found:
+                problems.append(f"{url}: missing (the {what} lists it)")
+            elif record.get("bytes") is not None and size != record["bytes"]:
+                problems.append(f"{url}: {size} bytes, the {what} records "
+                                f"{record['bytes']} (truncated or changed)")
+            elif digests is not None and record.get("sha256") is not None:
+                try:
+                    changed = digests.sha256(self.fs, found[rel]) != record["sha256"]
+                except FileNotFoundError:
+                    problems.append(f"{url}: missing (the {what} lists it)")
                     continue
-                url = self.url_of("sessions", m.folder, rel)
-                size = found[rel].get("size") if rel in found else None
-                if rel not in found:
-                    problems.append(f"{url}: missing (the manifest lists it)")
-                elif record.get("bytes") is not None and size != record["bytes"]:
-                    problems.append(f"{url}: {size} bytes, the manifest records "
-                                    f"{record['bytes']} (truncated or changed)")
-                elif digests is not None and record.get("sha256") is not None:
-                    try:
-                        changed = digests.sha256(self.fs, found[rel]) != record["sha256"]
-                    except FileNotFoundError:
-                        problems.append(f"{url}: missing (the manifest lists it)")
-                        continue
-                    if changed:
-                        problems.append(f"{url}: sha256 differs from the manifest's record "
-                                        "(changed in place, same size)")
+                if changed:
+                    problems.append(f"{url}: sha256 differs from the {what}'s record "
+                                    "(changed in place, same size)")
         return problems
 
     def _removals(self, manifest: SessionManifest) -> list[dict[str, Any]]:

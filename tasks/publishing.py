@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from driftlane.infra.caching import StageResult, current_attempt, scratch_for
 from driftlane.infra.config import SessionConfig
-from driftlane.infra.store import SessionManifest, Store
+from driftlane.infra.store import REINDEX_DIR, REINDEX_RECORD, SessionManifest, Store
 from driftlane.infra.writer import held_store_lock
 from driftlane.tasks.ingest import MAX_DOCUMENT_CHARS, SessionFormatError, validate_session
 from driftlane.tasks.session_files import session_digest
@@ -45,8 +45,7 @@ MEMORY_STATE = "memory/state.json"
 MODEL_WEIGHTS = "model/model.safetensors"
 QUERY_BUFFER = "training/query_buffer.parquet"
 ALIGNMENT_MAP = "alignment.npy"
-REINDEX_DIR = "reindex"  # reindex/<session folder>/: `driftlane reindex` of that session
-REINDEX_RECORD = "reindex.json"  # written last: a folder without it is not a re-index
+
 
 
 def published_sources(store: Store, manifests: list[SessionManifest]) -> list[Source]:

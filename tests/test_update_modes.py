@@ -111,3 +111,10 @@ def test_reindex_of_an_aligned_store_evaluates_like_full_throughout(stores, tmp_
     assert record["session"] == "beta" and "index.faiss" in record["files"]
     assert open_store(str(store_dir)).index.ntotal == 11
     assert reindex_flow(str(store_dir))["status"] == "already-reindexed"
+    # verify and the pre-run check cover the re-index like a session
+    assert store.damaged_files(store.sessions()) == []
+    shard = store_dir / "reindex" / "00001_beta" / "index.faiss"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    problems = store.damaged_files(store.sessions())
+    assert len(problems) == 1 and "reindex/00001_beta/index.faiss" in problems[0]
+    assert "reindex.json records" in problems[0]
