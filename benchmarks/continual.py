@@ -22,6 +22,8 @@ a set of configuration overrides (METHODS) on top of the configuration's shared 
                           map old -> new model fitted on the re-embedded memory, one index
                           shard per session over its new documents)
     driftlane_selfsup     the defaults with self-supervised (pseudo-positive) sampling
+    driftlane_selfsup_docs  self-supervised, and every new document also trains as its own
+                          positive anchored by a span of it (`document_example_ratio` 1.0)
 
 The other baselines keep the default update mode (aligned). The `[update]` section is
 infra.config.UpdateConfig.
@@ -182,6 +184,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "driftlane_compatible": {"update": {"mode": "compatible"}},
     "driftlane": {},  # update mode aligned, the default
     "driftlane_selfsup": {"sampling": {"mode": "self_supervised"}},
+    "driftlane_selfsup_docs": {"sampling": {"mode": "self_supervised",
+                                            "document_example_ratio": 1.0}},
 }
 
 @dataclass(frozen=True)

@@ -231,6 +231,11 @@ class SamplingConfig(_Section):
         "anchored by a span of its text.")
     span_words: int = Field(default=64, ge=4, le=4096,
                             description="Words in the anchor span of a document example.")
+    document_example_ratio: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Share of the session's other documents that also train as their own "
+        "positive, anchored by a random span of their text (an inverse-cloze pseudo-query: "
+        "a signal that needs no query at all); 0: off.")
     replay_ratio: float = Field(default=0.3, ge=0.0, le=0.95,
                                 description="Share of replay examples in the mixed set.")
     query_buffer_budget: int = Field(default=1000, ge=0, le=10_000_000,

@@ -20,6 +20,13 @@ Rules (DESIGN step 7 leaves the details open; decided here):
 - Singleton clusters (one member in the pool). The document is its own positive: a document
   example anchored by a random span of its text (`tasks.negatives.document_examples`); its
   hard negatives come from the next-nearest cluster.
+- Documents as queries (`document_example_ratio` > 0): that share of the session's other
+  documents train the same way, a span of the document as its pseudo-query (the inverse cloze
+  task, Lee et al. 2019; cropping as in Contriever, Izacard et al. 2022): a signal that needs
+  no query at all.
+- Self-supervised mode reads the session's qrels for one figure only: how often the
+  pseudo-positive is a judged positive (`pseudo_positive_precision`), logged and written to the
+  training summary; it never changes which examples train.
 - Fewer than 2 clusters. Nothing crashes: there is no other cluster for easy or borrowed
   negatives, so they become random allowed documents of the one cluster (in-batch negatives
   still apply), and batches cannot be stratified, so they stay mixed. `sample_session` says so in
@@ -51,6 +58,7 @@ from driftlane.tasks.negatives import (
     concat_examples,
     document_examples,
     examples_from_pairs,
+    seeded_rng,
     texts_of_keys,
 )
 from driftlane.tasks.pseudo_positives import RaggedTokens, pseudo_positives
@@ -70,12 +78,35 @@ class SamplingResult(NamedTuple):
     """Examples (`tasks.negatives.EXAMPLE_COLUMNS`) of one session, plus what to log.
 
     notes: one line per skipped input or fallback; fallback: why the cluster rules could not
-    apply (fewer than 2 clusters) and what was done instead, None when they applied.
+    apply (fewer than 2 clusters) and what was done instead, None when they applied;
+    diagnostics: figures for the training summary (`pseudo_positive_precision`).
     """
 
     examples: pd.DataFrame
     notes: tuple[str, ...]
     fallback: str | None
+    diagnostics: dict | None = None
+
+
+# Stream tag of `seeded_rng` for choosing documents that train as their own positive.
+DOCUMENT_STREAM = 5
+
+
+def pseudo_positive_precision(pairs: pd.DataFrame, qrels: pd.DataFrame | None,
+                              session: str) -> dict:
+    """How often a pseudo-positive is a judged positive, over the pseudo-labeled queries that
+    have judgments (any split, score > 0). A diagnostic for the training summary only: it never
+    changes which examples train. precision is None when no such query exists."""
+    if qrels is None or not len(pairs):
+        return {"pseudo_positive_precision": None, "pseudo_positives_judged": 0}
+    judged = labeled_pairs(qrels, session, "train")
+    judged = pd.concat([judged, labeled_pairs(qrels, session, "test")], ignore_index=True)
+    truth = set(zip(judged["query_key"], judged["positive_key"], strict=True))
+    checked = pairs[pairs["query_key"].isin(set(judged["query_key"]))]
+    hits = sum((q, d) in truth for q, d in zip(checked["query_key"], checked["positive_key"],
+                                               strict=True))
+    return {"pseudo_positive_precision": hits / len(checked) if len(checked) else None,
+            "pseudo_positives_judged": len(checked)}
 
 
 def training_queries(queries: pd.DataFrame, qrels: pd.DataFrame, session: str,
@@ -157,6 +188,7 @@ def sample_session(
         raise ValueError(f"{len(queries)} queries for {len(query_vectors)} vectors")
     query_row = pd.Index(queries["query_key"].to_numpy(dtype=object))
 
+    diagnostics: dict = {}
     if config.mode == SamplingMode.labeled:
         if qrels is None:
             raise ValueError("labeled sampling needs the session's qrels")
@@ -170,6 +202,11 @@ def sample_session(
         found = pseudo_positives(queries["query_key"], probes, query_tokens, pool, doc_tokens,
                                  centroids, config.n_probe)
         pairs = found[["query_key", "positive_key"]]
+        diagnostics = pseudo_positive_precision(pairs, qrels, session)
+        if diagnostics["pseudo_positive_precision"] is not None:
+            notes.append(f"pseudo-positive precision {diagnostics['pseudo_positive_precision']:.3f}"
+                         f" over {diagnostics['pseudo_positives_judged']} judged queries "
+                         "(qrels read for this figure only)")
         if len(pairs) < len(queries):
             notes.append(f"{len(queries) - len(pairs)} queries without a pseudo-positive "
                          "(no pool member in their nearest clusters)")
@@ -187,13 +224,19 @@ def sample_session(
                                  margin=config.hard_negative_margin,
                                  easy_ratio=config.easy_negative_ratio, seed=seed,
                                  origin=origin, source="new", known_positives=known)]
-    if config.singleton_examples:
-        alone = singleton_doc_keys(pool, session)
-        if len(alone):
-            parts.append(document_examples(
-                alone, doc_texts, index, span_words=config.span_words,
-                margin=config.hard_negative_margin, easy_ratio=config.easy_negative_ratio,
-                seed=[*seed, SPAN_STREAM], source="new"))
+    alone = singleton_doc_keys(pool, session) if config.singleton_examples else np.array([])
+    if len(alone):
+        parts.append(document_examples(
+            alone, doc_texts, index, span_words=config.span_words,
+            margin=config.hard_negative_margin, easy_ratio=config.easy_negative_ratio,
+            seed=[*seed, SPAN_STREAM], source="new"))
+    chosen = documents_as_queries(pool, session, alone, config.document_example_ratio,
+                                  [*seed, DOCUMENT_STREAM])
+    if len(chosen):
+        parts.append(document_examples(
+            chosen, doc_texts, index, span_words=config.span_words,
+            margin=config.hard_negative_margin, easy_ratio=config.easy_negative_ratio,
+            seed=[*seed, DOCUMENT_STREAM], source="new"))
     new = concat_examples(parts)
     n_replay = replay_count(len(new), config.replay_ratio)
     if config.replay_all:  # every buffered query, no past-document examples
@@ -216,7 +259,22 @@ def sample_session(
     n_none = int((examples["negative_kind"] == "none").sum())
     if n_none:
         notes.append(f"{n_none} examples without any allowed negative (in-batch negatives only)")
-    return SamplingResult(examples, tuple(notes), fallback)
+    return SamplingResult(examples, tuple(notes), fallback, diagnostics)
+
+
+def documents_as_queries(pool: pd.DataFrame, session: str, exclude: np.ndarray, ratio: float,
+                         seed: list[int]) -> np.ndarray:
+    """Doc keys of `session` in the pool (but `exclude`) that train as their own positive: a
+    seeded `ratio` share of them, in pool order."""
+    if ratio <= 0:
+        return np.array([], dtype=object)
+    own = pool.loc[pool["session"] == session, "doc_key"].to_numpy(dtype=object)
+    own = own[~pd.Index(own).isin(set(exclude.tolist()))]
+    n = int(round(ratio * len(own)))
+    if n == 0:
+        return np.array([], dtype=object)
+    picked = seeded_rng(seed, DOCUMENT_STREAM).choice(len(own), size=n, replace=False)
+    return own[np.sort(picked)]
 
 
 def training_texts(examples: pd.DataFrame, doc_texts: pd.Series) -> pd.DataFrame:

@@ -190,6 +190,7 @@ class SampledTraining(StageResult):
     query_buffer_path: str
     summary_path: str
     stored_vectors_path: str | None = None
+    diagnostics: dict = {}
 
 
 class TrainedModel(StageResult):

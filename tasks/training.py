@@ -167,7 +167,8 @@ def sample_training(session_name: str, ingested: IngestedSession, embedded: Embe
                "examples_by_source_and_negative": {f"{a}/{b}": int(n)
                                                    for (a, b), n in counts.items()},
                "fallback": result.fallback, "notes": list(result.notes),
-               "query_buffer_size": len(buffer), "buffer_seen": int(seen)}
+               "query_buffer_size": len(buffer), "buffer_seen": int(seen),
+               "diagnostics": result.diagnostics or {}}
     (out / "sampling.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     logger.info("session %s: %d training examples in %d batches (%d stratified); query "
                 "buffer %d", session_name, len(examples), len(plan.batches),

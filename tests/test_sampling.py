@@ -33,6 +33,7 @@ from driftlane.tasks.replay import (
 )
 from driftlane.tasks.sampling import (
     labeled_pairs,
+    pseudo_positive_precision,
     sample_session,
     singleton_doc_keys,
     training_queries,
@@ -345,3 +346,36 @@ def test_same_seed_same_examples_and_inputs_unchanged(world):
     np.testing.assert_array_equal(world["centroids"].vectors, centroid_vectors)
     pd.testing.assert_frame_equal(buffer, buffer_copy)
     np.testing.assert_array_equal(buffer_vectors, bv_copy)
+
+
+def test_documents_as_queries_are_cropped_from_their_own_document(world):
+    """document_example_ratio: a share of the session's documents train as their own
+    positive, the anchor a span cut from that very document (inverse cloze task)."""
+    config = SamplingConfig(replay_ratio=0.0, singleton_examples=False,
+                            document_example_ratio=1.0, span_words=4)
+    result = sample_session("s1", world["pool"], world["vectors"], world["centroids"],
+                            world["texts"], world["queries"].iloc[:0],
+                            world["query_vectors"][:0], config, qrels=world["qrels"].iloc[:0])
+    spans = result.examples[result.examples["origin"] == "span"]
+    own = world["pool"].loc[world["pool"]["session"] == "s1", "doc_key"]
+    assert sorted(spans["positive_key"]) == sorted(own)
+    for anchor, key in zip(spans["anchor"], spans["positive_key"], strict=True):
+        assert anchor in world["texts"][key] and len(anchor.split()) <= 4
+    assert (spans["query_key"] == "span:" + spans["positive_key"]).all()
+    half = sample_session("s1", world["pool"], world["vectors"], world["centroids"],
+                          world["texts"], world["queries"].iloc[:0],
+                          world["query_vectors"][:0],
+                          config.model_copy(update={"document_example_ratio": 0.5}),
+                          qrels=world["qrels"].iloc[:0])
+    assert len(half.examples) == round(0.5 * len(own))
+
+
+def test_pseudo_positive_precision_counts_judged_queries_only():
+    pairs = pd.DataFrame({"query_key": ["s/q1", "s/q2", "s/q3"],
+                          "positive_key": ["s/a", "s/x", "s/c"]})
+    qrels = pd.DataFrame({"query_id": ["q1", "q2", "q2"], "doc_id": ["a", "b", "x"],
+                          "score": [1, 1, 0], "split": ["train", "test", "test"]})
+    figures = pseudo_positive_precision(pairs, qrels, "s")
+    # q1: a is judged relevant (hit); q2: x judged 0, b relevant (miss); q3: not judged
+    assert figures == {"pseudo_positive_precision": 0.5, "pseudo_positives_judged": 2}
+    assert pseudo_positive_precision(pairs, None, "s")["pseudo_positive_precision"] is None
