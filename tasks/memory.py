@@ -41,6 +41,8 @@ from driftlane.tasks.warmup import unit_rows
 DISTANCE_ATOL = 1e-5
 MEMORY_COLUMNS = ("doc_key", "cluster_id", "distance", "session", "stream_index")
 STATS_COLUMNS = ("cluster_id", "count", "mean", "std")
+# Input floats per block of `distances_to_centroids` (16M: 64 MB of float32 rows).
+DISTANCE_BLOCK_FLOATS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,10 @@ def next_stream_index(memory: pd.DataFrame, seen: int) -> int:
 
 def append_to_memory(memory: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     """New table: `memory` followed by `rows`; a doc_key already in memory is an error."""
-    clash = np.intersect1d(memory["doc_key"].to_numpy(str), rows["doc_key"].to_numpy(str))
-    if clash.size:
-        raise ValueError(f"documents already in memory: {clash[:5].tolist()}")
+    clash = rows["doc_key"].isin(memory["doc_key"]).to_numpy()  # hashing, not sorting
+    if clash.any():
+        raise ValueError(f"documents already in memory: "
+                         f"{rows['doc_key'][clash].head(5).tolist()}")
     return pd.concat([memory, rows], ignore_index=True)[list(MEMORY_COLUMNS)]
 
 
@@ -161,10 +164,19 @@ def append_to_memory(memory: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
 def distances_to_centroids(
     vectors: np.ndarray, cluster_ids: np.ndarray, centroids: CentroidTable
 ) -> np.ndarray:
-    """(n,) float32 cosine distance of each row of `vectors` (n, d) to its cluster's centroid."""
-    unit = unit_rows(vectors)
-    own = centroids.vectors[centroids.rows_of(cluster_ids)]  # (n, d)
-    return (1.0 - np.einsum("nd,nd->n", unit, own)).astype(np.float32)
+    """(n,) float32 cosine distance of each row of `vectors` (n, d) to its cluster's centroid.
+
+    Computed over blocks of rows, so that the normalized copy and the gathered centroids stay
+    bounded (`DISTANCE_BLOCK_FLOATS`) whatever n.
+    """
+    rows = centroids.rows_of(cluster_ids)
+    out = np.empty(len(rows), np.float32)
+    step = max(1, DISTANCE_BLOCK_FLOATS // max(1, centroids.dim))
+    for start in range(0, len(rows), step):
+        unit = unit_rows(vectors[start:start + step])  # (b, d)
+        own = centroids.vectors[rows[start:start + step]]  # (b, d)
+        out[start:start + len(unit)] = 1.0 - np.einsum("nd,nd->n", unit, own)
+    return out
 
 
 def statistics_from_distances(

@@ -1,13 +1,13 @@
 """The clustered memory after a session (`MemoryState`) and its files.
 
-The state is plain arrays and tables: the memory table, dense vectors, float16 token embeddings
-of the memory documents as one ragged array (every document's rows stacked, plus offsets; see
+The state is plain arrays and tables: the memory table, dense vectors, float16 token embeddings of
+the memory documents as one ragged array (every document's rows stacked, plus offsets; see
 `split_tokens`, `take_ragged`, `concat_ragged`), centroids, statistics, every document's cluster
-id, cluster prototypes, cluster sizes per session and how many documents' cluster ids each
-session changed. `save_memory_state` writes it into a local folder (parquet, npy without
-pickle, JSON), `load_memory_state` reads it from any fsspec URL (`load_centroids` only what
-placing new documents needs), and `plot_cluster_sizes` draws the cluster sizes and the share of
-changed ids across sessions.
+id, cluster prototypes (empty arrays for dense clusters), cluster sizes per session and how many
+documents' cluster ids each session changed. `save_memory_state` writes it into a local folder
+(parquet, npy without pickle, JSON), `load_memory_state` reads it from any fsspec URL
+(`load_centroids` only what placing new documents needs), and `plot_cluster_sizes` draws the
+cluster sizes and the share of changed ids across sessions.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ class MemoryState:
     """The clustered memory after a session.
 
     memory: n rows, `tasks.memory.MEMORY_COLUMNS`; vectors: (n, d) float32 dense vectors of the
-    memory documents; tokens: (T, d) float16 token embeddings of the memory documents, document
-    i owning rows token_offsets[i]:token_offsets[i+1]; centroids: in the cluster representation's
+    memory documents; tokens: (T, d) float16 token embeddings of the memory documents, document i
+    owning rows token_offsets[i]:token_offsets[i+1]; centroids: in the cluster representation's
     space; stats: per-cluster count/mean/std; assignments: every document seen (doc_key,
     cluster_id, session); prototype_sums (next_cluster_id, D) float64 and prototype_counts
-    (next_cluster_id,) int64, indexed by stable id; size_history: (session, cluster_id,
-    n_documents) after every session so far; id_history: (session, n_assigned_before,
-    n_changed) per session: of the documents assigned before the session, how many it gave
-    another cluster id (the ID stability downstream models rely on).
+    (next_cluster_id,) int64, indexed by stable id, when the clusters are computed on prototypes,
+    and empty ((0, 0) and (0,): not computed) when they are dense; size_history: (session,
+    cluster_id, n_documents) after every session so far; id_history: (session, n_assigned_before,
+    n_changed) per session: of the documents assigned before the session, how many it gave another
+    cluster id (the ID stability downstream models rely on).
     """
 
     memory: pd.DataFrame
@@ -75,6 +76,38 @@ def take_ragged(tokens: np.ndarray, offsets: np.ndarray,
     # index of every kept token: its document's start plus its place inside the document
     within = np.arange(new_offsets[-1], dtype=np.int64) - np.repeat(new_offsets[:-1], lengths)
     return tokens[np.repeat(starts, lengths) + within], new_offsets
+
+
+def take_ragged_parts(parts: tuple[tuple[np.ndarray, np.ndarray], ...],
+                      rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`take_ragged` over the parts' documents stacked (part 0's first), without stacking the
+    parts' tokens: the token rows of documents `rows` (in that order) and their offsets."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = np.zeros(len(rows), np.int64)
+    starts = np.zeros(len(rows), np.int64)
+    owner = np.zeros(len(rows), np.int64)
+    first = 0
+    for number, (_, offsets) in enumerate(parts):
+        n_docs = len(offsets) - 1
+        inside = (rows >= first) & (rows < first + n_docs)
+        local = rows[inside] - first
+        starts[inside], lengths[inside] = offsets[local], offsets[local + 1] - offsets[local]
+        owner[inside] = number
+        first += n_docs
+    if ((rows < 0) | (rows >= first)).any():
+        raise IndexError(f"document rows outside 0..{first - 1}")
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    width = next((t.shape[1] for t, _ in parts if t.ndim == 2), 0)
+    dtype = np.result_type(*(t.dtype for t, _ in parts))
+    out = np.empty((int(new_offsets[-1]), width), dtype)
+    token_owner = np.repeat(owner, lengths)
+    # index of every kept token in its part: its document's start plus its place inside
+    source = np.repeat(starts, lengths) + (np.arange(new_offsets[-1], dtype=np.int64)
+                                           - np.repeat(new_offsets[:-1], lengths))
+    for number, (tokens, _) in enumerate(parts):
+        mine = token_owner == number
+        out[mine] = tokens[source[mine]]
+    return out, new_offsets
 
 
 def concat_ragged(a: tuple[np.ndarray, np.ndarray],

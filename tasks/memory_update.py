@@ -1,4 +1,5 @@
-"""One session's memory update (DESIGN steps 3-6), composed from the clustering building blocks.
+"""One session's memory update (DESIGN steps 3-6): the warm-up and streaming paths, the cluster
+cap and retirement rules, and re-embedding; composed from the clustering building blocks.
 
 `update_memory` takes the previous memory state (None for the first session) and the session's
 new documents, and returns the next state:
@@ -15,35 +16,63 @@ new documents, and returns the next state:
   end of a session (docs/decisions.md). The assignment does not depend on whether eviction runs
   before or after it: centroids and statistics are fixed.
 
-Every document ever seen keeps a row in the assignment table (doc_key, cluster_id, session),
-which `driftlane export-clusters` writes for downstream models. Documents outside memory keep
-the id they were given; after a re-cluster that id may belong to a retired cluster, which is
-still never reused. How many of the documents assigned before a session that session gave
-another id (`id_changes`; only a re-cluster can) goes into the report and the state's
-`id_history`, the ID-stability figure downstream models watch.
+What both paths write down (the next state's tables, the assignment table and its ID-stability
+figure, running statistics, the report) is built by `tasks.memory_records`.
 
-Cluster prototypes (SimHash encodings of token embeddings, `tasks.prototypes`) are running
-sums indexed by stable cluster id over every document assigned to the cluster; eviction does
-not remove a document's contribution (the cluster still holds the document, memory does not),
-so prototypes-only memory keeps its cluster prototypes. A re-cluster rebuilds them from the
-documents it clustered.
+Cluster prototypes (SimHash encodings of token embeddings, `tasks.prototypes`) exist only when
+the clusters are computed on prototypes (`representation = prototypes`): running sums indexed
+by stable cluster id over every document assigned to the cluster; eviction does not remove a
+document's contribution (the cluster still holds the document, memory does not), so
+prototypes-only memory keeps its cluster prototypes. A re-cluster rebuilds them from the
+documents it clustered. With dense clusters (the default) no document prototype and no cluster
+prototype sum is computed (nothing would read them): the state holds empty arrays instead.
+On prototypes, the new documents' prototypes are built block by block while they are assigned
+(`tasks.cluster_assignment`), and only the outliers' and the report sample's are kept (a
+warm-up on prototypes still builds every clustered document's: the clustering needs them all).
 
-The state is plain arrays and tables (`tasks.memory_state.MemoryState`). `reembedded_state`,
-last, is the state after the encoder changed.
+Bounded cluster count (decided here; DESIGN leaves it open). Two rules keep the number of live
+clusters (those in the centroid table, the ones new documents can join) bounded over a long
+stream without renaming anything:
+- a cap: at most `max_live_clusters(config)` live clusters, by default the warm-up's largest k
+  plus one session's new clusters (`k_max + max_new_clusters`, 84 with the defaults; a config
+  field `max_clusters`, when there is one, overrides it). A session opens clusters only for
+  the room left; the documents of the outlier groups that find no room join their nearest
+  cluster (`tasks.cluster_assignment`, the largest groups open first);
+- retirement: a cluster with no member left in memory that was given no new document in the
+  last `RETIRE_AFTER_SESSIONS` sessions leaves the centroid table before the assignment (its
+  room goes to new topics). Its id is never reused, and its documents keep it in the
+  assignment table (downstream models still see the id they learned); it is listed in the
+  report's `retired_clusters`.
+With cluster-aware eviction every cluster keeps `min_per_cluster` members while the budget
+allows, so there the cap is what bounds the count; retirement matters for reservoir and
+prototypes-only memory.
+
+Cost at scale. Every step over the new documents is a vectorized pass over blocks of rows
+(assignment as one float32 matrix product per block, distances, statistics, eviction ranks);
+the quality report runs on a seeded sample (`tasks.cluster_quality.REPORT_SAMPLE`); the kept
+members' vectors and tokens are taken from the previous state and the new documents without
+stacking them all. `MemoryUpdate.seconds_by_step` gives each step's wall time.
+
+The state is plain arrays and tables (`tasks.memory_state.MemoryState`, assembled by
+`tasks.memory_records.kept_state`). `reembedded_state`, last, is the state after the encoder
+changed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from driftlane.infra.config import ClusterRepresentation, MemoryConfig
-from driftlane.tasks.cluster_assignment import assign_to_nearest_cluster
+from driftlane.tasks.cluster_assignment import assign_to_nearest_cluster, block_rows_for
 from driftlane.tasks.cluster_ids import apply_mapping, issue_cluster_ids, match_clusters
-from driftlane.tasks.cluster_quality import cluster_report
+from driftlane.tasks.cluster_quality import REPORT_SAMPLE, report_sample_rows
 from driftlane.tasks.eviction import evict
 from driftlane.tasks.memory import (
     MEMORY_COLUMNS,
@@ -56,22 +85,28 @@ from driftlane.tasks.memory import (
     refresh_memory,
     statistics_from_distances,
 )
-from driftlane.tasks.memory_state import (
-    MemoryState,
-    concat_ragged,
-    empty_id_history,
-    split_tokens,
-    take_ragged,
+from driftlane.tasks.memory_records import (
+    ASSIGNMENT_COLUMNS,
+    grown_prototype_sums,
+    kept_state,
+    memory_report,
+    no_prototype_sums,
+    pool_statistics,
+    running_statistics,
+    take_rows,
 )
+from driftlane.tasks.memory_state import MemoryState, split_tokens
 from driftlane.tasks.prototypes import (
     PrototypeSpec,
-    add_members,
     cluster_prototype_sums,
     document_prototypes,
 )
 from driftlane.tasks.warmup import choose_k_and_cluster
 
-ASSIGNMENT_COLUMNS = ("doc_key", "cluster_id", "session")
+# A memberless cluster given no new document in this many sessions retires (module docstring).
+RETIRE_AFTER_SESSIONS = 3
+# Floats of the report sample on prototypes (its rows are output_dim wide): 64M, 256 MB.
+_REPORT_FLOATS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -86,9 +121,13 @@ class NewDocuments:
 
 @dataclass(frozen=True)
 class MemoryUpdate:
+    """The next state, its cluster report (JSON-ready, the same for the same inputs), notes to
+    log, and the wall seconds of each step (kept out of the report, which is published)."""
+
     state: MemoryState
     report: dict[str, Any]
     notes: list[str]
+    seconds_by_step: dict[str, float] = field(default_factory=dict)
 
 
 def cluster_space(vectors: np.ndarray, tokens: np.ndarray, offsets: np.ndarray,
@@ -100,84 +139,69 @@ def cluster_space(vectors: np.ndarray, tokens: np.ndarray, offsets: np.ndarray,
     return document_prototypes(split_tokens(tokens, offsets), spec, planes)
 
 
-def pool_statistics(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """Per-cluster count/mean/std of two populations taken together (law of total variance).
-
-    Rows are the union of both tables' cluster ids; a cluster missing from one side (or with
-    count 0 there) takes the other side's row.
-    """
-    ids = np.union1d(a["cluster_id"].to_numpy(np.int64), b["cluster_id"].to_numpy(np.int64))
-
-    def aligned(t: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        t = t.set_index("cluster_id").reindex(ids)
-        n = t["count"].fillna(0).to_numpy(np.float64)
-        live = n > 0
-        mean = np.where(live, t["mean"].fillna(0).to_numpy(np.float64), 0.0)
-        std = np.where(live, t["std"].fillna(0).to_numpy(np.float64), 0.0)
-        return n, mean, std
-
-    (na, ma, sa), (nb, mb, sb) = aligned(a), aligned(b)
-    n = na + nb
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = (na * ma + nb * mb) / n
-        second = (na * (sa**2 + ma**2) + nb * (sb**2 + mb**2)) / n
-    std = np.sqrt(np.maximum(second - mean**2, 0.0))
-    return pd.DataFrame({"cluster_id": ids, "count": n.astype(np.int64),
-                         "mean": np.where(n > 0, mean, np.nan),
-                         "std": np.where(n > 0, std, np.nan)})
+def max_live_clusters(config: MemoryConfig) -> int:
+    """The cap on live clusters (module docstring): a `max_clusters` config field when there
+    is one, else the warm-up's largest k plus one session's new clusters."""
+    configured = getattr(config, "max_clusters", None)
+    return int(configured) if configured else config.k_max + config.max_new_clusters
 
 
-def running_statistics(running: pd.DataFrame, refreshed: pd.DataFrame) -> pd.DataFrame:
-    """The running statistics, aligned to the refreshed clusters; a cluster without a
-    running row keeps its refreshed one."""
-    ids = refreshed["cluster_id"].to_numpy(np.int64)
-    have = running[running["cluster_id"].isin(ids) & (running["count"] > 0)]
-    rest = refreshed[~refreshed["cluster_id"].isin(have["cluster_id"])]
-    return (pd.concat([have, rest], ignore_index=True).sort_values("cluster_id")
-            .reset_index(drop=True))
+def stale_clusters(previous: MemoryState, centroids: CentroidTable,
+                   after: int = RETIRE_AFTER_SESSIONS) -> np.ndarray:
+    """Sorted ids of the live clusters with no member in memory whose last document came
+    `after` or more sessions before the coming one (the sessions of `size_history`)."""
+    held = np.unique(previous.memory["cluster_id"].to_numpy(np.int64))
+    memberless = centroids.ids[~np.isin(centroids.ids, held)]
+    if not len(memberless):
+        return memberless
+    sessions = pd.unique(previous.size_history["session"].astype(str))
+    age_of = {name: len(sessions) - 1 - i for i, name in enumerate(sessions)}  # latest: 0
+    ids = previous.assignments["cluster_id"].to_numpy(np.int64)
+    rows = np.flatnonzero(np.isin(ids, memberless))[::-1]  # latest row first
+    found, first = np.unique(ids[rows], return_index=True)
+    last_session = previous.assignments["session"].to_numpy(object)[rows[first]]
+    age = dict(zip(found.tolist(), (age_of.get(str(name), 0) for name in last_session),
+                   strict=True))
+    # a live id that no document carries (none known) counts as stale
+    stale = [cid for cid in memberless.tolist() if age.get(cid, len(sessions)) >= after]
+    return np.asarray(stale, dtype=np.int64)
 
 
-def _grow(sums: np.ndarray, counts: np.ndarray, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
-    if sums.shape[0] >= n_ids:
-        return sums, counts
-    grown = np.zeros((n_ids, sums.shape[1]), np.float64)
-    grown[: sums.shape[0]] = sums
-    return grown, np.concatenate([counts, np.zeros(n_ids - len(counts), np.int64)])
+class _Steps:
+    """Wall seconds per step of one update, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0)
+                                       + time.perf_counter() - started, 4)
 
 
-def _size_history(previous: pd.DataFrame | None, assignments: pd.DataFrame,
-                  session: str) -> pd.DataFrame:
-    sizes = assignments.groupby("cluster_id").size()
-    rows = pd.DataFrame({"session": session, "cluster_id": sizes.index.to_numpy(np.int64),
-                         "n_documents": sizes.to_numpy(np.int64)})
-    return rows if previous is None else pd.concat([previous, rows], ignore_index=True)
+def _prototype_blocks(new: NewDocuments, spec: PrototypeSpec, planes: dict[str, np.ndarray],
+                      keep: np.ndarray, kept: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """The new documents' prototypes, one block of documents at a time; the prototypes of
+    the (sorted) documents `keep` are appended to `kept` on the way."""
+    n = len(new.token_offsets) - 1
+    step = block_rows_for(spec.output_dim)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = document_prototypes(split_tokens(new.tokens, new.token_offsets[start:stop + 1]),
+                                    spec, planes)  # (b, output_dim)
+        wanted = keep[(keep >= start) & (keep < stop)]
+        kept.append(block[wanted - start])
+        yield block
 
 
-def id_changes(previous: pd.DataFrame, assignments: pd.DataFrame) -> int:
-    """How many documents of the `previous` assignment table have another cluster id in
-    `assignments` (both doc_key, cluster_id; every previous document must be in it)."""
-    n = len(previous)
-    old_keys = previous["doc_key"].to_numpy(object)
-    new_ids = assignments["cluster_id"].to_numpy(np.int64)
-    head = assignments["doc_key"].to_numpy(object)[:n]
-    if len(head) < n or not (head == old_keys).all():
-        # the update keeps previous rows first and in order; look keys up otherwise
-        rows = pd.Index(assignments["doc_key"]).get_indexer(old_keys)
-        if (rows < 0).any():
-            missing = old_keys[rows < 0][:5].tolist()
-            raise ValueError(f"documents missing from the new assignments: {missing}")
-        new_ids = new_ids[rows]
-    return int((new_ids[:n] != previous["cluster_id"].to_numpy(np.int64)).sum())
-
-
-def _id_history(previous: MemoryState | None, assignments: pd.DataFrame,
-                session: str) -> pd.DataFrame:
-    history = previous.id_history if previous is not None else empty_id_history()
-    before = previous.assignments if previous is not None else assignments.iloc[:0]
-    row = pd.DataFrame({"session": pd.Series([session], dtype=str),
-                        "n_assigned_before": np.array([len(before)], np.int64),
-                        "n_changed": np.array([id_changes(before, assignments)], np.int64)})
-    return row if not len(history) else pd.concat([history, row], ignore_index=True)
+def _report_rows(n: int, dim: int, config: MemoryConfig) -> np.ndarray:
+    """The report's seeded sample of n candidates, smaller for wide (prototype) rows."""
+    size = max(config.silhouette_sample, min(REPORT_SAMPLE, _REPORT_FLOATS // max(dim, 1)))
+    return report_sample_rows(n, size, config.seed)
 
 
 def update_memory(previous: MemoryState | None, new: NewDocuments, config: MemoryConfig,
@@ -185,10 +209,9 @@ def update_memory(previous: MemoryState | None, new: NewDocuments, config: Memor
                   session: str) -> MemoryUpdate:
     """The next memory state after `session` (see the module docstring); inputs unchanged."""
     notes: list[str] = []
+    steps = _Steps()
     representation = config.representation.value
-    new_protos = document_prototypes(split_tokens(new.tokens, new.token_offsets), spec, planes)
-    new_space = (np.asarray(new.vectors, np.float32)
-                 if representation == ClusterRepresentation.dense else new_protos)
+    on_prototypes = representation == ClusterRepresentation.prototypes
     m = len(new.doc_keys)
 
     warmup_reason = None
@@ -204,81 +227,128 @@ def update_memory(previous: MemoryState | None, new: NewDocuments, config: Memor
 
     if warmup_reason is not None:
         notes.append(f"warm-up: {warmup_reason}")
-        return _warm_up(previous, new, new_space, new_protos, config, spec, planes, session,
-                        notes)
+        return _warm_up(previous, new, config, spec, planes, session, notes, steps)
 
-    # (a) refresh centroids and statistics from the current members
-    prev_space = cluster_space(previous.vectors, previous.tokens, previous.token_offsets,
-                               representation, spec, planes)
-    refreshed = refresh_memory(previous.memory, prev_space, previous.centroids, previous.stats)
-    # (c) assign with the refreshed centroids held fixed. The boundaries use the running
-    # statistics (every document the cluster was given): the surviving members alone are the
-    # closest ones, and their spread would shrink every boundary after each eviction.
-    boundary_stats = running_statistics(previous.stats, refreshed.stats)
-    assignment = assign_to_nearest_cluster(
-        new_space, refreshed.centroids, boundary_stats, z=config.z,
-        min_cluster_size=config.min_cluster_size, next_cluster_id=previous.next_cluster_id,
-        max_new_clusters=config.max_new_clusters)
+    with steps("refresh"):
+        # (a) refresh centroids and statistics from the current members
+        prev_space = cluster_space(previous.vectors, previous.tokens, previous.token_offsets,
+                                   representation, spec, planes)
+        refreshed = refresh_memory(previous.memory, prev_space, previous.centroids,
+                                   previous.stats)
+        retired = stale_clusters(previous, refreshed.centroids)
+        if len(retired):
+            live = ~np.isin(refreshed.centroids.ids, retired)
+            refreshed = refreshed._replace(
+                centroids=CentroidTable(refreshed.centroids.ids[live],
+                                        refreshed.centroids.vectors[live]),
+                stats=refreshed.stats[~refreshed.stats["cluster_id"].isin(retired)]
+                .reset_index(drop=True))
+            notes.append(f"retired {len(retired)} cluster(s) with no member in memory and no "
+                         f"new document in {RETIRE_AFTER_SESSIONS} sessions: {retired.tolist()}")
+        # The boundaries use the running statistics (every document the cluster was given):
+        # the surviving members alone are the closest ones, and their spread would shrink
+        # every boundary after each eviction.
+        boundary_stats = running_statistics(previous.stats, refreshed.stats)
+
+    n_prev = len(refreshed.memory)
+    sample_rows = _report_rows(n_prev + m, refreshed.centroids.dim, config)
+    new_sample: list[np.ndarray] = []
+    with steps("assign"):
+        # (c) assign with the refreshed centroids held fixed
+        vectors = (_prototype_blocks(new, spec, planes, sample_rows[sample_rows >= n_prev]
+                                     - n_prev, new_sample)
+                   if on_prototypes else new.vectors)
+        cap = max_live_clusters(config)
+        assignment = assign_to_nearest_cluster(
+            vectors, refreshed.centroids, boundary_stats, z=config.z,
+            min_cluster_size=config.min_cluster_size, next_cluster_id=previous.next_cluster_id,
+            max_new_clusters=config.max_new_clusters, max_clusters=cap,
+            member_sums=on_prototypes, seed=config.seed)
     centroids = refreshed.centroids.with_centroids(assignment.new_centroids)
     opened = assignment.new_centroids.ids
     if len(opened):
         notes.append(f"{int(assignment.opened_new.sum())} document(s) beyond their nearest "
                      f"cluster's boundary opened {len(opened)} new cluster(s): "
                      f"{opened.tolist()}")
-    new_rows = memory_rows(new.doc_keys, assignment.cluster_ids, assignment.distances, session,
-                           next_stream_index(previous.memory, previous.seen))
-    candidates = append_to_memory(refreshed.memory, new_rows)
-    in_new = np.isin(assignment.cluster_ids, opened)
-    opened_stats = statistics_from_distances(assignment.cluster_ids[in_new],
-                                             assignment.distances[in_new], opened)
-    eviction_stats = pd.concat([refreshed.stats, opened_stats], ignore_index=True)
-    # (b) evict with the refreshed statistics, over old members and new documents together
-    eviction = evict(candidates, eviction_stats, config.budget, config.eviction.value,
-                     z=config.z, min_per_cluster=config.min_per_cluster, seed=config.seed,
-                     seen=previous.seen)
-    final_stats = pool_statistics(
-        boundary_stats, statistics_from_distances(assignment.cluster_ids,
-                                                  assignment.distances, centroids.ids))
+    n_capped = int(assignment.capped.sum())
+    if n_capped:
+        notes.append(f"{n_capped} document(s) beyond their nearest cluster's boundary joined "
+                     f"their nearest cluster: {len(refreshed.centroids)} live clusters, at "
+                     f"most {cap}")
 
-    sums, counts = _grow(previous.prototype_sums, previous.prototype_counts,
-                         assignment.next_cluster_id)
-    sums, counts = add_members(sums, counts, new_protos, assignment.cluster_ids)
-    assignments = pd.concat([previous.assignments, pd.DataFrame({
-        "doc_key": pd.Series(new.doc_keys, dtype=str), "cluster_id": assignment.cluster_ids,
-        "session": session})], ignore_index=True)
-    all_vectors = np.concatenate([previous.vectors, new.vectors]).astype(np.float32)
-    all_tokens = concat_ragged((previous.tokens, previous.token_offsets),
-                               (new.tokens, new.token_offsets))
-    state = _kept_state(eviction, all_vectors, all_tokens, centroids, final_stats,
-                        assignments, sums, counts, previous, assignment.next_cluster_id,
-                        config, representation, session)
-    candidate_space = np.concatenate([prev_space, new_space])
-    report = _report(candidate_space, candidates, opened, eviction, state, config, m)
-    return MemoryUpdate(state, report, notes)
+    with steps("evict"):
+        new_rows = memory_rows(new.doc_keys, assignment.cluster_ids, assignment.distances,
+                               session, next_stream_index(previous.memory, previous.seen))
+        candidates = append_to_memory(refreshed.memory, new_rows)
+        in_new = np.isin(assignment.cluster_ids, opened)
+        opened_stats = statistics_from_distances(assignment.cluster_ids[in_new],
+                                                 assignment.distances[in_new], opened)
+        eviction_stats = pd.concat([refreshed.stats, opened_stats], ignore_index=True)
+        # (b) evict with the refreshed statistics, over old members and new documents together
+        eviction = evict(candidates, eviction_stats, config.budget, config.eviction.value,
+                         z=config.z, min_per_cluster=config.min_per_cluster, seed=config.seed,
+                         seen=previous.seen)
+        final_stats = pool_statistics(
+            boundary_stats, statistics_from_distances(assignment.cluster_ids,
+                                                      assignment.distances, centroids.ids))
+
+    with steps("state"):
+        sums, counts = no_prototype_sums()
+        if on_prototypes:
+            sums, counts = grown_prototype_sums(previous.prototype_sums,
+                                                previous.prototype_counts,
+                                                assignment.next_cluster_id)
+            sums = sums + assignment.member_sums[:len(sums)]
+            counts = counts + np.bincount(assignment.cluster_ids, minlength=len(counts))
+        assignments = pd.concat([previous.assignments, pd.DataFrame({
+            "doc_key": pd.Series(new.doc_keys, dtype=str), "cluster_id": assignment.cluster_ids,
+            "session": session})], ignore_index=True)
+        state = kept_state(eviction, (previous.vectors, new.vectors),
+                           ((previous.tokens, previous.token_offsets),
+                            (new.tokens, new.token_offsets)),
+                           centroids, final_stats, assignments, sums, counts, previous,
+                           assignment.next_cluster_id, config, representation, session)
+    with steps("report"):
+        if on_prototypes:
+            sample = np.concatenate([prev_space[sample_rows[sample_rows < n_prev]], *new_sample])
+        else:
+            sample = take_rows((prev_space, new.vectors), sample_rows)
+        report = memory_report(sample, sample_rows, candidates, opened, eviction, state,
+                               config, m)
+    report["retired_clusters"] = retired.tolist()
+    report["max_live_clusters"] = cap
+    report["capped_documents"] = n_capped
+    return MemoryUpdate(state, report, notes, steps.seconds)
 
 
-def _warm_up(previous: MemoryState | None, new: NewDocuments, new_space: np.ndarray,
-             new_protos: np.ndarray, config: MemoryConfig, spec: PrototypeSpec,
-             planes: dict[str, np.ndarray], session: str, notes: list[str]) -> MemoryUpdate:
+def _warm_up(previous: MemoryState | None, new: NewDocuments, config: MemoryConfig,
+             spec: PrototypeSpec, planes: dict[str, np.ndarray], session: str,
+             notes: list[str], steps: _Steps) -> MemoryUpdate:
     """Warm-up over memory plus the new documents; ids matched to the previous clusters."""
-    if previous is None:
-        old_memory, old_vectors = empty_memory(), np.zeros((0, new.vectors.shape[1]), np.float32)
-        old_tokens = (np.zeros((0, new.tokens.shape[1]), np.float16), np.zeros(1, np.int64))
-        old_space = np.zeros((0, new_space.shape[1]), np.float32)
-        old_protos = np.zeros((0, new_protos.shape[1]), np.float32)
-        next_id, seen = 0, 0
-    else:
-        old_memory, old_vectors = previous.memory, previous.vectors
-        old_tokens = (previous.tokens, previous.token_offsets)
-        old_space = cluster_space(previous.vectors, previous.tokens, previous.token_offsets,
-                                  config.representation.value, spec, planes)
-        old_protos = document_prototypes(split_tokens(*old_tokens), spec, planes)
-        next_id, seen = previous.next_cluster_id, previous.seen
-    space = np.concatenate([old_space, new_space])
+    representation = config.representation.value
+    on_prototypes = representation == ClusterRepresentation.prototypes
+    with steps("space"):
+        new_space = cluster_space(new.vectors, new.tokens, new.token_offsets, representation,
+                                  spec, planes)
+        if previous is None:
+            old_memory = empty_memory()
+            old_vectors = np.zeros((0, new.vectors.shape[1]), np.float32)
+            old_tokens = (np.zeros((0, new.tokens.shape[1]), np.float16), np.zeros(1, np.int64))
+            old_space = np.zeros((0, new_space.shape[1]), np.float32)
+            next_id, seen = 0, 0
+        else:
+            old_memory, old_vectors = previous.memory, previous.vectors
+            old_tokens = (previous.tokens, previous.token_offsets)
+            old_space = cluster_space(previous.vectors, previous.tokens,
+                                      previous.token_offsets, representation, spec, planes)
+            next_id, seen = previous.next_cluster_id, previous.seen
+        space = np.concatenate([old_space, new_space])
+        del new_space, old_space
     keys = np.concatenate([old_memory["doc_key"].to_numpy(str),
                            np.asarray(new.doc_keys, dtype=str)])
-    result = choose_k_and_cluster(space, config.k_min, config.k_max, config.silhouette_sample,
-                                  config.seed)
+    with steps("warm-up"):
+        result = choose_k_and_cluster(space, config.k_min, config.k_max,
+                                      config.silhouette_sample, config.seed)
     if result.reason:
         notes.append(f"warm-up: {result.reason}")
     else:
@@ -288,7 +358,7 @@ def _warm_up(previous: MemoryState | None, new: NewDocuments, new_space: np.ndar
     labels = result.labels
     n_old = len(old_memory)
     if previous is not None:
-        same_space = previous.representation == config.representation.value
+        same_space = previous.representation == representation
         method = config.match_method.value if same_space else "jaccard"
         new_centroids = CentroidTable(np.arange(result.k), result.centroids)
         # Old and new clusters are compared on the same documents, the old memory: the new
@@ -310,87 +380,51 @@ def _warm_up(previous: MemoryState | None, new: NewDocuments, new_space: np.ndar
     stable = apply_mapping(labels, mapping)
     label_ids = apply_mapping(np.arange(result.k), mapping)
     centroids = CentroidTable(label_ids, result.centroids)
-    distances = distances_to_centroids(space, stable, centroids)
-    stats = statistics_from_distances(stable, distances, centroids.ids)
-    old_ids = set(previous.centroids.ids.tolist()) if previous is not None else set()
-    opened = np.array(sorted(set(label_ids.tolist()) - old_ids), dtype=np.int64)
+    with steps("evict"):
+        distances = distances_to_centroids(space, stable, centroids)
+        stats = statistics_from_distances(stable, distances, centroids.ids)
+        old_ids = set(previous.centroids.ids.tolist()) if previous is not None else set()
+        opened = np.array(sorted(set(label_ids.tolist()) - old_ids), dtype=np.int64)
 
-    candidates = pd.concat([
-        old_memory.assign(cluster_id=stable[:n_old], distance=distances[:n_old]),
-        memory_rows(new.doc_keys, stable[n_old:], distances[n_old:], session,
-                    next_stream_index(old_memory, seen)),
-    ], ignore_index=True)[list(MEMORY_COLUMNS)]
-    eviction = evict(candidates, stats, config.budget, config.eviction.value, z=config.z,
-                     min_per_cluster=config.min_per_cluster, seed=config.seed, seen=seen)
+        candidates = pd.concat([
+            old_memory.assign(cluster_id=stable[:n_old], distance=distances[:n_old]),
+            memory_rows(new.doc_keys, stable[n_old:], distances[n_old:], session,
+                        next_stream_index(old_memory, seen)),
+        ], ignore_index=True)[list(MEMORY_COLUMNS)]
+        eviction = evict(candidates, stats, config.budget, config.eviction.value, z=config.z,
+                         min_per_cluster=config.min_per_cluster, seed=config.seed, seen=seen)
 
-    sums, counts = cluster_prototype_sums(np.concatenate([old_protos, new_protos]), stable,
-                                          next_id)
-    previous_assignments = (previous.assignments if previous is not None
-                            else pd.DataFrame({c: pd.Series(dtype=t) for c, t in
-                                               zip(ASSIGNMENT_COLUMNS, (str, np.int64, str),
-                                                   strict=True)}))
-    reassigned = dict(zip(keys[:n_old], stable[:n_old], strict=True))
-    old_rows = previous_assignments.assign(cluster_id=[
-        int(reassigned.get(k, c)) for k, c in zip(previous_assignments["doc_key"],
-                                                  previous_assignments["cluster_id"],
-                                                  strict=True)])
-    assignments = pd.concat([old_rows, pd.DataFrame({
-        "doc_key": pd.Series(new.doc_keys, dtype=str), "cluster_id": stable[n_old:],
-        "session": session})], ignore_index=True)
-    assignments["cluster_id"] = assignments["cluster_id"].astype(np.int64)
-    all_vectors = np.concatenate([old_vectors, new.vectors]).astype(np.float32)
-    all_tokens = concat_ragged(old_tokens, (new.tokens, new.token_offsets))
-    state = _kept_state(eviction, all_vectors, all_tokens, centroids, stats, assignments,
-                        sums, counts, previous, next_id, config, config.representation.value,
-                        session)
-    report = _report(space, candidates, opened, eviction, state, config, len(new.doc_keys))
+    with steps("state"):
+        sums, counts = (cluster_prototype_sums(space, stable, next_id) if on_prototypes
+                        else no_prototype_sums())
+        previous_assignments = (previous.assignments if previous is not None
+                                else pd.DataFrame({c: pd.Series(dtype=t) for c, t in
+                                                   zip(ASSIGNMENT_COLUMNS, (str, np.int64, str),
+                                                       strict=True)}))
+        reassigned = dict(zip(keys[:n_old], stable[:n_old], strict=True))
+        old_rows = previous_assignments.assign(cluster_id=[
+            int(reassigned.get(k, c)) for k, c in zip(previous_assignments["doc_key"],
+                                                      previous_assignments["cluster_id"],
+                                                      strict=True)])
+        assignments = pd.concat([old_rows, pd.DataFrame({
+            "doc_key": pd.Series(new.doc_keys, dtype=str), "cluster_id": stable[n_old:],
+            "session": session})], ignore_index=True)
+        assignments["cluster_id"] = assignments["cluster_id"].astype(np.int64)
+        state = kept_state(eviction, (old_vectors, new.vectors),
+                           (old_tokens, (new.tokens, new.token_offsets)), centroids, stats,
+                           assignments, sums, counts, previous, next_id, config,
+                           representation, session)
+    with steps("report"):
+        sample_rows = _report_rows(len(space), space.shape[1], config)
+        report = memory_report(space[sample_rows], sample_rows, candidates, opened, eviction,
+                               state, config, len(new.doc_keys))
     report["warmup"] = {"k": result.k, "reason": result.reason,
                         "silhouette_by_k": {str(k): v for k, v in
                                             result.silhouette_by_k.items()}}
-    return MemoryUpdate(state, report, notes)
-
-
-def _kept_state(eviction: Any, all_vectors: np.ndarray, all_tokens: tuple[np.ndarray, np.ndarray],
-                centroids: CentroidTable, stats: pd.DataFrame, assignments: pd.DataFrame,
-                sums: np.ndarray, counts: np.ndarray, previous: MemoryState | None,
-                next_id: int, config: MemoryConfig, representation: str,
-                session: str) -> MemoryState:
-    kept = eviction.kept_rows
-    size_history = previous.size_history if previous is not None else None
-    tokens, offsets = take_ragged(*all_tokens, kept)
-    return MemoryState(
-        memory=eviction.memory, vectors=all_vectors[kept], tokens=tokens.astype(np.float16),
-        token_offsets=offsets, centroids=centroids, stats=stats,
-        assignments=assignments.reset_index(drop=True), prototype_sums=sums,
-        prototype_counts=counts, size_history=_size_history(size_history, assignments, session),
-        id_history=_id_history(previous, assignments, session),
-        next_cluster_id=int(next_id), seen=int(eviction.seen), representation=representation,
-        budget=config.budget)
-
-
-def _report(space: np.ndarray, candidates: pd.DataFrame, opened: np.ndarray, eviction: Any,
-            state: MemoryState, config: MemoryConfig, n_new: int) -> dict[str, Any]:
-    report = cluster_report(space, candidates["cluster_id"].to_numpy(np.int64),
-                            config.silhouette_sample, config.seed,
-                            new_cluster_ids=opened.tolist(),
-                            n_evicted=len(eviction.evicted_doc_keys))
-    sizes = state.assignments.groupby("cluster_id").size()
-    ids = state.id_history.iloc[-1]
-    before, changed = int(ids["n_assigned_before"]), int(ids["n_changed"])
-    report.update({
-        "n_clusters": len(state.centroids),
-        "n_new_documents": n_new,
-        "memory_size": len(state.memory),
-        "memory_budget": config.budget,
-        "eviction": config.eviction.value,
-        "representation": state.representation,
-        "sizes_all_documents": {int(k): int(v) for k, v in sizes.items()},
-        # ID stability: of the documents assigned before this session, how many it moved
-        "n_assigned_before": before,
-        "id_changed": changed,
-        "id_changed_share": changed / before if before else None,
-    })
-    return report
+    report["retired_clusters"] = []
+    report["max_live_clusters"] = max_live_clusters(config)
+    report["capped_documents"] = 0
+    return MemoryUpdate(state, report, notes, steps.seconds)
 
 
 def reembedded_state(state: MemoryState, vectors: np.ndarray, tokens: np.ndarray,
@@ -400,14 +434,15 @@ def reembedded_state(state: MemoryState, vectors: np.ndarray, tokens: np.ndarray
 
     Centroids and statistics are refreshed from the re-embedded members (clusters without a
     member keep their centroid), the running statistics restart from the members, and the
-    cluster prototypes are rebuilt from the members, since old contributions came from
-    another model.
+    cluster prototypes (on prototypes only; dense clusters keep none) are rebuilt from the
+    members, since old contributions came from another model.
     """
     space = cluster_space(vectors, tokens, offsets, state.representation, spec, planes)
     refreshed = refresh_memory(state.memory, space, state.centroids, state.stats)
-    protos = document_prototypes(split_tokens(tokens, offsets), spec, planes)
-    sums, counts = cluster_prototype_sums(
-        protos, state.memory["cluster_id"].to_numpy(np.int64), state.next_cluster_id)
+    sums, counts = no_prototype_sums()
+    if state.representation == ClusterRepresentation.prototypes:  # space holds the prototypes
+        sums, counts = cluster_prototype_sums(
+            space, state.memory["cluster_id"].to_numpy(np.int64), state.next_cluster_id)
     return replace(state, memory=refreshed.memory, vectors=vectors.astype(np.float32),
                    tokens=tokens.astype(np.float16), token_offsets=offsets,
                    centroids=refreshed.centroids, stats=refreshed.stats,

@@ -36,7 +36,8 @@ from driftlane.tasks.stage_results import (
 )
 from driftlane.tasks.texts import doc_texts_of
 
-MEMORY_VERSION = "4"  # 4: ID stability (id_history, id_changed_share, second panel)
+MEMORY_VERSION = "5"  # 5: no prototypes for dense clusters, sampled report, cluster cap
+# 4: ID stability (id_history, id_changed_share, second panel)
 
 
 def prototype_spec_for(config: PrototypeConfig, dim: int) -> PrototypeSpec:
@@ -50,7 +51,9 @@ def prototype_spec_for(config: PrototypeConfig, dim: int) -> PrototypeSpec:
 def _report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     keys = ("n_clusters", "n_new_clusters", "new_clusters", "n_new_documents", "evictions",
             "memory_size", "memory_budget", "silhouette", "davies_bouldin", "calinski_harabasz",
-            "dunn", "wcss", "n_assigned_before", "id_changed", "id_changed_share", "reason")
+            "dunn", "wcss", "sample_size", "n_assigned_before", "id_changed",
+            "id_changed_share", "max_live_clusters", "retired_clusters", "capped_documents",
+            "reason")
     return [{"measure": k, "value": json.dumps(report.get(k))} for k in keys]
 
 
@@ -80,6 +83,8 @@ def update_session_memory(session_name: str, ingested: IngestedSession,
     update = update_memory(previous, new, memory, spec, planes, session_name)
     for note in update.notes:
         logger.info("session %s: %s", session_name, note)
+    logger.info("session %s: memory update steps (s): %s", session_name,
+                ", ".join(f"{k} {v:.2f}" for k, v in update.seconds_by_step.items()))
 
     crash_point("memory.write")
     state_dir = out / "memory"

@@ -94,3 +94,25 @@ def test_identical_documents_in_two_clusters_do_not_crash():
     assert report["wcss"] == 0.0 and report["dunn"] is None
     assert report["reason"] is not None
     assert dunn_index(np.ones((2, 2)), np.zeros(2, np.int64), 1) is None
+
+
+def test_a_large_clustering_is_reported_on_a_seeded_sample(clustered):
+    from driftlane.tasks.cluster_quality import report_sample_rows
+
+    x, labels = clustered
+    full = cluster_report(x, labels)
+    assert full["sample_size"] == 90
+    sampled = cluster_report(x, labels, report_sample=60, seed=2)
+    assert sampled["sample_size"] == 60 and sampled["n_documents"] == 90
+    assert sampled["sizes"] == full["sizes"] and sampled["n_clusters"] == 4  # every document
+    assert sampled == cluster_report(x, labels, report_sample=60, seed=2)  # seeded
+    rows = report_sample_rows(90, 60, 2)
+    assert len(rows) == 60 and (np.diff(rows) > 0).all()
+    # the caller may hand over only the sampled rows
+    assert cluster_report(x[rows], labels, report_sample=60, seed=2, sample_rows=rows) == sampled
+    # the indices on 60 of 90 rows are near the full ones; WCSS is scaled to all 90
+    assert sampled["wcss"] == pytest.approx(full["wcss"], rel=0.25)
+    assert sampled["silhouette"] == pytest.approx(full["silhouette"], abs=0.1)
+    assert sampled["davies_bouldin"] == pytest.approx(full["davies_bouldin"], rel=0.25)
+    with pytest.raises(ValueError):
+        cluster_report(x[:10], labels, sample_rows=rows)

@@ -404,3 +404,90 @@ def test_append_to_memory_rejects_duplicates_and_counts_the_stream():
         append_to_memory(memory, memory_rows(["b"], np.array([1]), np.zeros(1), "s1", 2))
     assert next_stream_index(memory, 0) == 2 and next_stream_index(memory, 9) == 9
     assert next_stream_index(empty_memory(), 4) == 4
+
+
+# --- at scale: blocks, sampled grouping, the cluster cap ---
+
+
+def test_blocked_nearest_search_equals_one_product(state):
+    from driftlane.tasks.cluster_assignment import nearest_centroids
+
+    rng = np.random.default_rng(3)
+    unit = unit_rows(rng.standard_normal((1001, DIM)))
+    table = CentroidTable(np.arange(40), unit_rows(rng.standard_normal((40, DIM))))
+    sims = unit @ table.vectors.T  # reference: one product over every row
+    for block_rows in (None, 1, 7, 1000):
+        nearest, similarity = nearest_centroids(unit, table.vectors, block_rows)
+        np.testing.assert_array_equal(nearest, np.argmax(sims, axis=1))
+        np.testing.assert_allclose(similarity, sims.max(axis=1), atol=1e-6)
+    # the assignment over odd-sized blocks equals the assignment of the whole array
+    new = np.concatenate([around(state["centers"][0], 50, 0.15, 1),
+                          around(state["centers"][1], 40, 0.3, 2), directions(13, 98)])
+    whole = assign_to_nearest_cluster(new, state["centroids"], state["stats"],
+                                      next_cluster_id=13, member_sums=True)
+    blocks = assign_to_nearest_cluster((new[i:i + 17] for i in range(0, len(new), 17)),
+                                       state["centroids"], state["stats"], next_cluster_id=13,
+                                       member_sums=True)
+    np.testing.assert_array_equal(blocks.cluster_ids, whole.cluster_ids)
+    np.testing.assert_allclose(blocks.distances, whole.distances, atol=1e-6)
+    assert blocks.next_cluster_id == whole.next_cluster_id
+    # member sums: the normalized rows summed per cluster id, as a brute-force loop does
+    expected = np.zeros_like(whole.member_sums)
+    for row, cid in zip(unit_rows(new), whole.cluster_ids, strict=True):
+        expected[cid] += row
+    np.testing.assert_allclose(whole.member_sums, expected, atol=1e-5)
+    np.testing.assert_allclose(blocks.member_sums, expected, atol=1e-5)
+    assert assign_to_nearest_cluster(new, state["centroids"], state["stats"],
+                                     next_cluster_id=13).member_sums is None
+
+
+def test_many_outliers_are_grouped_on_a_sample(monkeypatch, state):
+    from driftlane.tasks import cluster_assignment
+
+    far = directions(4, seed=70)
+    new = np.concatenate([around(-c, 30, 0.05, seed=i) for i, c in enumerate(far)])
+    full = assign_to_nearest_cluster(new, state["centroids"], state["stats"],
+                                     next_cluster_id=13)
+    monkeypatch.setattr(cluster_assignment, "MAX_GROUPED_OUTLIERS", 25)
+    sampled = assign_to_nearest_cluster(new, state["centroids"], state["stats"],
+                                        next_cluster_id=13, seed=1)
+    assert sampled.opened_new.all() and full.opened_new.all()
+    # the same four topics, found from 25 of the 120 outliers
+    assert len(np.unique(sampled.cluster_ids)) == len(np.unique(full.cluster_ids)) == 4
+    pairs = set(zip(full.cluster_ids.tolist(), sampled.cluster_ids.tolist(), strict=True))
+    assert len(pairs) == 4
+    # every outlier's distance is to the centroid of the cluster it joined
+    np.testing.assert_allclose(
+        sampled.distances,
+        distances_to_centroids(new, sampled.cluster_ids, sampled.new_centroids), atol=1e-6)
+
+
+def test_the_cluster_cap_opens_the_largest_groups_and_renames_nothing(state):
+    far = directions(3, seed=80)
+    sizes = (6, 12, 9)
+    new = np.concatenate([around(state["centers"][0], 5, 0.08, seed=1)]
+                         + [around(-c, s, 0.05, seed=10 + i)
+                            for i, (c, s) in enumerate(zip(far, sizes, strict=True))])
+    free = assign_to_nearest_cluster(new, state["centroids"], state["stats"],
+                                     next_cluster_id=20)
+    assert free.next_cluster_id == 23 and not free.capped.any()
+    capped = assign_to_nearest_cluster(new, state["centroids"], state["stats"],
+                                       next_cluster_id=20, max_clusters=4)
+    # room for one: the largest group (12 documents) opens cluster 20
+    assert capped.new_centroids.ids.tolist() == [20] and capped.next_cluster_id == 21
+    assert capped.cluster_ids[:5].tolist() == [10] * 5
+    assert (capped.cluster_ids[11:23] == 20).all()
+    assert capped.capped.sum() == 15 and not capped.capped[11:23].any()
+    # the others join their nearest cluster, existing or just opened, with its distance
+    everything = state["centroids"].with_centroids(capped.new_centroids)
+    sims = unit_rows(new) @ everything.vectors.T
+    rows = np.flatnonzero(capped.capped)
+    np.testing.assert_array_equal(capped.cluster_ids[rows],
+                                  everything.ids[np.argmax(sims[rows], axis=1)])
+    np.testing.assert_allclose(capped.distances[rows], 1 - sims[rows].max(axis=1), atol=1e-6)
+    full = assign_to_nearest_cluster(new, state["centroids"], state["stats"],
+                                     next_cluster_id=20, max_clusters=3)
+    assert len(full.new_centroids) == 0 and full.capped.sum() == 27
+    assert set(full.cluster_ids.tolist()) <= {10, 11, 12}
+    with pytest.raises(ValueError):
+        assign_to_nearest_cluster(new, state["centroids"], state["stats"], max_clusters=0)

@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 
 from driftlane.infra.config import MemoryConfig
+from driftlane.tasks.memory_records import id_changes
 from driftlane.tasks.memory_state import (
     load_memory_state,
     plot_cluster_sizes,
     save_memory_state,
     take_ragged,
 )
-from driftlane.tasks.memory_update import NewDocuments, id_changes, update_memory
+from driftlane.tasks.memory_update import NewDocuments, update_memory
 from driftlane.tasks.prototypes import PrototypeSpec, make_hyperplanes
 
 DIM = 16
@@ -78,7 +79,11 @@ def test_first_session_warms_up_and_keeps_the_budget():
     keys = state.memory["doc_key"].to_numpy(str)
     rows = np.array([int(k.split("/")[1]) for k in keys])
     np.testing.assert_array_equal(state.vectors, new.vectors[rows])
-    np.testing.assert_array_equal(state.prototype_counts, [30, 30, 30])
+    # dense clusters: no cluster prototype is computed (nothing reads them)
+    assert state.prototype_sums.shape == (0, 0) and state.prototype_counts.shape == (0,)
+    on_prototypes = update_memory(None, new, config(representation="prototypes"), SPEC, PLANES,
+                                  "s0").state
+    np.testing.assert_array_equal(on_prototypes.prototype_counts, [30, 30, 30])
 
 
 def test_second_session_joins_old_clusters_and_opens_one_for_a_new_topic():
@@ -100,18 +105,24 @@ def test_second_session_joins_old_clusters_and_opens_one_for_a_new_topic():
     assert state.seen == 130
 
 
+@pytest.mark.parametrize("representation", ["dense", "prototypes"])
 @pytest.mark.parametrize("strategy", ["cluster_aware", "reservoir", "prototypes_only"])
-def test_budget_is_never_exceeded(strategy):
+def test_budget_is_never_exceeded(strategy, representation):
     state = None
     for i, topics in enumerate([[0, 1], [2, 3], [4, 5]]):
         update = update_memory(state, documents(f"s{i}", topics, 25, seed=i),
-                               config(budget=30, eviction=strategy), SPEC, PLANES, f"s{i}")
+                               config(budget=30, eviction=strategy,
+                                      representation=representation), SPEC, PLANES, f"s{i}")
         state = update.state
         assert len(state.memory) <= (0 if strategy == "prototypes_only" else 30)
         assert len(state.vectors) == len(state.memory) == len(state.token_offsets) - 1
     assert len(state.assignments) == 150
-    # cluster prototypes still count every document assigned, memory or not
-    assert state.prototype_counts.sum() == 150
+    if representation == "prototypes":
+        # cluster prototypes still count every document assigned, memory or not
+        assert state.prototype_counts.sum() == 150
+        assert state.prototype_sums.shape == (state.next_cluster_id, SPEC.output_dim)
+    else:
+        assert state.prototype_sums.size == state.prototype_counts.size == 0
 
 
 def test_recluster_of_unchanged_data_keeps_every_id():
@@ -244,3 +255,148 @@ def test_a_format_1_state_loads_with_an_empty_id_history(tmp_path):
     assert nxt.state.id_history["session"].tolist() == ["s1"]
     plot_cluster_sizes(nxt.state.size_history, tmp_path / "sizes.png", nxt.state.id_history)
     assert (tmp_path / "sizes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- no dead work, bounded cluster count, sampled report ---
+
+
+def test_dense_clusters_build_no_prototype(monkeypatch, tmp_path):
+    from driftlane.tasks import memory_update
+
+    calls = []
+
+    def spy(name, function):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+        monkeypatch.setattr(memory_update, name, counted)
+
+    spy("document_prototypes", memory_update.document_prototypes)
+    spy("cluster_prototype_sums", memory_update.cluster_prototype_sums)
+    first = update_memory(None, documents("s0", [0, 1, 2], 20, seed=1), config(), SPEC, PLANES,
+                          "s0").state
+    second = update_memory(first, documents("s1", [1, 4], 20, seed=2), config(), SPEC, PLANES,
+                           "s1").state
+    again = update_memory(second, documents("s2", [2], 10, seed=3), config(recluster=True),
+                          SPEC, PLANES, "s2").state
+    moved = memory_update.reembedded_state(again, again.vectors, again.tokens,
+                                           again.token_offsets, SPEC, PLANES)
+    assert calls == []
+    for state in (first, second, again, moved):
+        assert state.prototype_sums.shape == (0, 0) and state.prototype_counts.shape == (0,)
+    # the memory still keeps its documents' tokens (self-supervised sampling reads them)
+    assert len(moved.tokens) == moved.token_offsets[-1] > 0
+    save_memory_state(tmp_path / "memory", moved, SPEC, PLANES)
+    loaded, _, _ = load_memory_state(str(tmp_path / "memory"))
+    assert loaded.prototype_sums.shape == (0, 0) and loaded.prototype_counts.shape == (0,)
+    # on prototypes the same functions do run
+    update_memory(None, documents("s0", [0, 1], 10, seed=1), config(representation="prototypes"),
+                  SPEC, PLANES, "s0")
+    assert "document_prototypes" in calls and "cluster_prototype_sums" in calls
+
+
+def test_streamed_cluster_prototypes_equal_a_recomputation(monkeypatch, tmp_path):
+    from driftlane.tasks import cluster_assignment
+    from driftlane.tasks.memory_state import split_tokens
+    from driftlane.tasks.prototypes import cluster_prototype_sums, document_prototypes
+
+    monkeypatch.setattr(cluster_assignment, "BLOCK_FLOATS", 7 * SPEC.output_dim)  # 7-doc blocks
+    sessions = [documents("s0", [0, 1], 15, seed=1), documents("s1", [1, 3], 15, seed=2),
+                documents("s2", [3, 5], 15, seed=3)]
+    state = None
+    for i, new in enumerate(sessions):
+        state = update_memory(state, new, config(budget=20, representation="prototypes"), SPEC,
+                              PLANES, f"s{i}").state
+    protos = np.concatenate([document_prototypes(split_tokens(s.tokens, s.token_offsets), SPEC,
+                                                 PLANES) for s in sessions])
+    sums, counts = cluster_prototype_sums(protos, state.assignments["cluster_id"].to_numpy(),
+                                          state.next_cluster_id)
+    np.testing.assert_array_equal(state.prototype_counts, counts)
+    np.testing.assert_allclose(state.prototype_sums, sums, atol=1e-5)
+    save_memory_state(tmp_path / "memory", state, SPEC, PLANES)
+    loaded, _, _ = load_memory_state(str(tmp_path / "memory"))
+    np.testing.assert_array_equal(loaded.prototype_sums, state.prototype_sums)
+
+
+def test_the_report_of_a_large_session_is_sampled(monkeypatch):
+    from driftlane.tasks import memory_update
+
+    monkeypatch.setattr(memory_update, "_REPORT_FLOATS", 1)  # sample: silhouette_sample rows
+    small = config(silhouette_sample=50)
+    first = update_memory(None, documents("s0", [0, 1, 2], 20, seed=1), small, SPEC, PLANES,
+                          "s0")
+    assert first.report["sample_size"] == 50 and first.report["n_documents"] == 60
+    for representation in ("dense", "prototypes"):
+        state = update_memory(None, documents("s0", [0, 1, 2], 20, seed=1),
+                              config(silhouette_sample=50, representation=representation), SPEC,
+                              PLANES, "s0").state
+        update = update_memory(state, documents("s1", [1, 4], 30, seed=2),
+                               config(silhouette_sample=50, representation=representation), SPEC,
+                               PLANES, "s1")
+        report = update.report
+        assert report["sample_size"] == 50 and report["n_documents"] == 60 + 60
+        assert sum(report["sizes"].values()) == 120  # sizes count every candidate
+        assert report["silhouette"] is not None and report["dunn"] is not None
+        assert set(update.seconds_by_step) == {"refresh", "assign", "evict", "state",
+                                                  "report"}
+
+
+def test_the_cluster_count_is_capped_and_no_id_changes():
+    small = config(k_max=3, max_new_clusters=2, budget=40)  # at most 3 + 2 = 5 live clusters
+    state, n_capped = None, 0
+    for i, topics in enumerate([[0, 1], [2, 3], [4, 5], [3, 5], [0, 2, 4]]):
+        update = update_memory(state, documents(f"s{i}", topics, 20, seed=i), small, SPEC,
+                               PLANES, f"s{i}")
+        before = state
+        state = update.state
+        assert len(state.centroids) <= 5 == update.report["max_live_clusters"]
+        assert update.report["id_changed"] == 0
+        assert state.centroids.ids.max() < state.next_cluster_id
+        if before is not None:
+            assert state.next_cluster_id >= before.next_cluster_id
+            opened = set(update.report["new_clusters"])
+            assert opened.isdisjoint(before.assignments["cluster_id"])  # ids never reused
+        n_capped += update.report["capped_documents"]
+    assert n_capped > 0
+
+
+def test_a_stale_memberless_cluster_retires_and_its_documents_keep_their_id():
+    gone = config(eviction="prototypes_only")  # memory keeps no member: every cluster memberless
+    state = update_memory(None, documents("s0", [0, 1, 2], 20, seed=1), gone, SPEC, PLANES,
+                          "s0").state
+    s0 = state.assignments.set_index("doc_key")["cluster_id"]
+    topic0, topic1 = s0.loc["s0/0"], s0.loc["s0/20"]
+    for i in (1, 2, 3):  # only topic 0 comes back
+        update = update_memory(state, documents(f"s{i}", [0], 20, seed=10 + i), gone, SPEC,
+                               PLANES, f"s{i}")
+        assert update.report["retired_clusters"] == []
+        state = update.state
+    update = update_memory(state, documents("s4", [0], 20, seed=14), gone, SPEC, PLANES, "s4")
+    retired = update.report["retired_clusters"]
+    assert topic1 in retired and topic0 not in retired
+    assert topic1 not in update.state.centroids.ids and topic0 in update.state.centroids.ids
+    assert any("retired" in note for note in update.notes)
+    after = update.state.assignments.set_index("doc_key")["cluster_id"]
+    assert (after.loc[s0.index] == s0).all()  # documents keep the id they were given
+    # topic 1 comes back: a fresh id, the retired one is never reused
+    back = update_memory(update.state, documents("s5", [1], 20, seed=15), gone, SPEC, PLANES,
+                         "s5").state
+    s5 = back.assignments[back.assignments["session"] == "s5"]["cluster_id"]
+    assert (s5 >= update.state.next_cluster_id).all()
+
+
+def test_take_ragged_parts_equals_take_ragged_of_the_stack():
+    from driftlane.tasks.memory_state import concat_ragged, take_ragged_parts
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for n_docs in (4, 0, 6):
+        lengths = rng.integers(0, 4, n_docs)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        parts.append((rng.standard_normal((offsets[-1], 3)).astype(np.float16), offsets))
+    stacked = concat_ragged(concat_ragged(parts[0], parts[1]), parts[2])
+    for rows in (np.array([9, 0, 5, 3]), np.arange(10), np.zeros(0, np.int64)):
+        got = take_ragged_parts(tuple(parts), rows)
+        want = take_ragged(*stacked, rows)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
