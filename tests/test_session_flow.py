@@ -23,7 +23,7 @@ from driftlane.tasks.ingest import SessionFormatError
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "scratch")
 
-CACHED_STAGES = ("ingest", "embed", "memory", "sample", "fine-tune", "align", "index",
+CACHED_STAGES = ("ingest", "embed", "memory", "sample", "fine-tune", "re-embed-corpus", "index",
                  "evaluate")
 
 

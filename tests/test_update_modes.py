@@ -58,11 +58,12 @@ def test_aligned_mode_adds_a_shard_of_the_new_documents_and_maps_the_rest(stores
     assert [index_docs(store, i) for i in (0, 1)] == [6, 5]  # each shard: its own documents
     blocks = published_blocks(store, manifests)
     assert [(b.shard, b.n_docs, b.maps) for b in blocks] == [
-        ("sessions/00000_alpha", 6, ["alpha", "beta"]), ("sessions/00001_beta", 5, ["beta"])]
-    # each shard holds the vectors of the model its session started from
-    assert blocks[1].model_version == manifests[0].model_version
+        ("sessions/00000_alpha", 6, ["beta"]), ("sessions/00001_beta", 5, [])]
+    # each shard holds the vectors of the model its session trained
+    assert [b.model_version for b in blocks] == [m.model_version for m in manifests]
     assert manifests[1].summary["update_mode"] == "aligned"
-    assert manifests[1].summary["vectors_model_version"] == manifests[0].model_version
+    assert manifests[1].summary["vectors_model_version"] == manifests[1].model_version
+    assert "alignment.npy" not in manifests[0].files  # nothing stored before: no map to fit
     fit = store.read_json(manifests[1], "alignment.json")
     assert fit["cosine_mapped"] >= fit["cosine_unmapped"] - 1e-6
     w = np.load(store.path("sessions", manifests[1].folder, "alignment.npy"))
