@@ -10,11 +10,18 @@ k range (`--large-k-max`) to keep the whole run near 10 minutes on 2 cores.
 For each size in `--sizes`:
   - warmup: `choose_k_and_cluster` wall time and chosen k over k in [k_min, k_max], seed 0
     (adjusted Rand index against the generating topics for reference);
-  - survival: the same data re-clustered by a second warm-up with another seed; new clusters
-    matched to the first run's IDs by `match_clusters` (Hungarian on Jaccard overlap); the
-    fraction of documents whose cluster ID survives (target: at least 0.99), against the
-    fraction of documents a plain re-run of k-means (same k, another seed, no matching) keeps
-    under the same label, and the same raw agreement for the two warm-ups before matching.
+  - survival: the same data re-clustered as the memory stage re-clusters (`tasks.recluster`:
+    the previous clusters refined unless a fresh warm-up beats their silhouette by --margin)
+    with another seed; clusters matched to the first run's IDs by `match_clusters` (Hungarian
+    on Jaccard overlap); the fraction of documents whose cluster ID survives (target: at least
+    0.99). For reference: the same for a fresh second warm-up (the re-cluster before issue
+    15), the fraction a plain re-run of k-means (same k, another seed, no matching) keeps
+    under the same label, and the raw agreement of the two warm-ups before matching.
+
+Then the same warm-up and survival figures on real documents: the first --real-docs of each
+--real collection (default cisi, npl_vaswani, cosqa: short documents, three domains), embedded
+with the packaged all-MiniLM-L6-v2 through 96-token windows on the CPU (a few minutes; cached
+in --embeddings-cache when given).
 
 Run:  python -m benchmarks.clustering --out benchmarks/results/clustering_cpu.json
 Writes the JSON to --out and a Markdown table beside it (same name, .md).
@@ -23,6 +30,7 @@ Writes the JSON to --out and a Markdown table beside it (same name, .md).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -56,6 +64,7 @@ def measure_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.metrics import adjusted_rand_score
 
     from driftlane.tasks.cluster_ids import apply_mapping, match_clusters
+    from driftlane.tasks.recluster import recluster
     from driftlane.tasks.warmup import choose_k_and_cluster
 
     vectors, topics = synthetic_embeddings(n, args.dim, args.topics, args.noise,
@@ -76,6 +85,10 @@ def measure_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                                       pd.Series(second.labels, index=keys), next_id=first.k)
     match_s = time.perf_counter() - started
     survival = float((apply_mapping(second.labels, mapping) == first.labels).mean())
+    started = time.perf_counter()
+    chosen = recluster(vectors, first.labels, args.k_min, k_max, args.silhouette_sample,
+                       seed=1, margin=args.margin)
+    recluster_s = time.perf_counter() - started
 
     kmeans = [KMeans(first.k, n_init=1, random_state=seed).fit_predict(vectors)
               for seed in (0, 1)]
@@ -92,12 +105,85 @@ def measure_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "hungarian_match_wall_s": round(match_s, 3),
         "fresh_ids_after_match": next_id - first.k,
         "id_survival_matched": round(survival, 4),
+        **recluster_figures(first.labels, chosen, recluster_s),
         "label_agreement_warmup_rerun_unmatched": round(
             float((first.labels == second.labels).mean()), 4),
         "label_agreement_kmeans_rerun_unmatched": round(
             float((kmeans[0] == kmeans[1]).mean()), 4),
         "survival_target": 0.99,
     }
+
+
+def id_survival(before: np.ndarray, after: np.ndarray) -> float:
+    """Share of documents whose id survives when `after`'s clusters are matched to `before`'s
+    (Hungarian on Jaccard overlap, as the memory stage matches)."""
+    from driftlane.tasks.cluster_ids import apply_mapping, match_clusters
+
+    keys = pd.Index([f"d{i}" for i in range(len(before))])
+    mapping, _ = match_clusters(pd.Series(before, index=keys), pd.Series(after, index=keys),
+                                next_id=int(before.max()) + 1)
+    return float((apply_mapping(after, mapping) == before).mean())
+
+
+def recluster_figures(first: np.ndarray, chosen: Any, seconds: float) -> dict[str, Any]:
+    """The memory stage's re-cluster of the same data (another seed) against the first run."""
+    return {"recluster_wall_s": round(seconds, 2), "recluster_kept_previous": chosen.kept,
+            "recluster_k": chosen.result.k, "recluster_fresh_k": chosen.fresh_k,
+            "recluster_kept_silhouette": _rounded(chosen.kept_silhouette),
+            "recluster_fresh_silhouette": _rounded(chosen.fresh_silhouette),
+            "id_survival_recluster": round(id_survival(first, chosen.result.labels), 4)}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def measure_real(args: argparse.Namespace) -> dict[str, Any]:
+    """Warm-up and re-cluster survival on real documents: the first --real-docs of each
+    collection in --real, embedded with the packaged encoder (cached in --embeddings-cache)."""
+    from driftlane.tasks.recluster import recluster
+    from driftlane.tasks.warmup import choose_k_and_cluster
+
+    vectors = real_embeddings(args)
+    started = time.perf_counter()
+    first = choose_k_and_cluster(vectors, args.k_min, args.k_max, args.silhouette_sample, seed=0)
+    warmup_s = time.perf_counter() - started
+    fresh = choose_k_and_cluster(vectors, args.k_min, args.k_max, args.silhouette_sample, seed=1)
+    started = time.perf_counter()
+    chosen = recluster(vectors, first.labels, args.k_min, args.k_max, args.silhouette_sample,
+                       seed=1, margin=args.margin)
+    recluster_s = time.perf_counter() - started
+    return {"collections": args.real, "n_docs": len(vectors), "k_range": [args.k_min, args.k_max],
+            "warmup_wall_s": round(warmup_s, 2), "chosen_k": first.k,
+            "rewarmup_chosen_k": fresh.k,
+            "id_survival_matched": round(id_survival(first.labels, fresh.labels), 4),
+            **recluster_figures(first.labels, chosen, recluster_s), "survival_target": 0.99}
+
+
+def real_embeddings(args: argparse.Namespace) -> np.ndarray:
+    """(n, 384) document vectors of the --real collections, from the cache when it matches."""
+    from driftlane.infra.config import ChunkingConfig
+    from driftlane.tasks.embedding import embed_texts
+    from driftlane.tasks.ingest import read_session
+    from driftlane.tasks.models import load_encoder
+    from driftlane.tasks.texts import document_text
+
+    texts: list[str] = []
+    for name in args.real:
+        corpus = read_session(args.datasets_dir / name).corpus.iloc[: args.real_docs]
+        texts += [document_text(t, x) for t, x in zip(corpus["title"], corpus["text"],
+                                                       strict=True)]
+    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    cache = args.embeddings_cache
+    if cache is not None and cache.exists():
+        with np.load(cache, allow_pickle=False) as cached:
+            if str(cached["digest"]) == digest:
+                return cached["vectors"]
+    chunking = ChunkingConfig(window_tokens=96, overlap_tokens=16)
+    vectors = embed_texts(load_encoder("default", "cpu"), texts, chunking, 32).vectors
+    if cache is not None:
+        np.savez(cache, digest=np.array(digest), vectors=vectors)
+    return vectors
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -108,18 +194,38 @@ def markdown_table(results: dict[str, Any]) -> str:
         "",
         f"Command: `{results['command']}`. Data: {results['data']['description']}",
         "",
-        "| docs | k range | warm-up (s) | chosen k (true) | ARI vs topics | re-warm-up k | "
-        "ID survival, matched (target >= 0.99) | warm-up re-run, unmatched | "
-        "k-means re-run, unmatched |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Re-cluster: the memory stage's (`tasks.recluster`, margin "
+        f"{results['recluster_margin']}) on the same data with seed 1, against the seed-0 "
+        "warm-up; fresh warm-up: a second warm-up with seed 1, matched the same way (the "
+        "re-cluster before issue 15).",
+        "",
+        "| docs | k range | warm-up (s) | chosen k (true) | ARI vs topics | ID survival, "
+        "re-cluster (target >= 0.99) | re-cluster kept / k / s | fresh warm-up k | ID survival, "
+        "fresh warm-up | warm-up re-run, unmatched | k-means re-run, unmatched |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["sizes"]:
         lines.append(
             f"| {row['n_docs']} | {row['k_range'][0]}-{row['k_range'][1]} | "
             f"{row['warmup_wall_s']} | {row['chosen_k']} ({row['true_topics']}) | "
-            f"{row['ari_vs_topics']} | {row['rewarmup_chosen_k']} | "
+            f"{row['ari_vs_topics']} | {row['id_survival_recluster']} | "
+            f"{row['recluster_kept_previous']} / {row['recluster_k']} / "
+            f"{row['recluster_wall_s']} | {row['rewarmup_chosen_k']} | "
             f"{row['id_survival_matched']} | {row['label_agreement_warmup_rerun_unmatched']} | "
             f"{row['label_agreement_kmeans_rerun_unmatched']} |")
+    real = results.get("real")
+    if real:
+        lines += ["", f"Real documents: the first {results['real_docs']} of "
+                  f"{', '.join(real['collections'])} ({real['n_docs']} documents), embedded "
+                  "with all-MiniLM-L6-v2 (96-token windows).", "",
+                  "| docs | k range | warm-up (s) | chosen k | ID survival, re-cluster (target "
+                  ">= 0.99) | re-cluster kept / k / s | fresh warm-up k | ID survival, fresh "
+                  "warm-up |", "|---|---|---|---|---|---|---|---|",
+                  f"| {real['n_docs']} | {real['k_range'][0]}-{real['k_range'][1]} | "
+                  f"{real['warmup_wall_s']} | {real['chosen_k']} | "
+                  f"{real['id_survival_recluster']} | {real['recluster_kept_previous']} / "
+                  f"{real['recluster_k']} / {real['recluster_wall_s']} | "
+                  f"{real['rewarmup_chosen_k']} | {real['id_survival_matched']} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +260,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="sizes from here on use --large-k-max (keeps the run short)")
     parser.add_argument("--large-k-max", type=int, default=12)
     parser.add_argument("--silhouette-sample", type=int, default=2000)
+    parser.add_argument("--margin", type=float, default=0.05,
+                        help="the re-cluster's silhouette margin ([memory] recluster_margin)")
+    parser.add_argument("--real", nargs="*", default=["cisi", "npl_vaswani", "cosqa"],
+                        help="real collections (BEIR folders under --datasets-dir) to embed "
+                             "and re-cluster; none: skip")
+    parser.add_argument("--real-docs", type=int, default=2000,
+                        help="documents taken from the start of each real collection")
+    parser.add_argument("--datasets-dir", type=Path, default=Path(os.environ.get(
+        "DRIFTLANE_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" / "datasets")))
+    parser.add_argument("--embeddings-cache", type=Path,
+                        help="npz of the real documents' vectors, reused when it matches")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (and .md)")
     args = parser.parse_args(argv)
 
@@ -171,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "topic_concentration": args.topic_concentration,
             "seed": args.data_seed,
         },
+        "recluster_margin": args.margin,
         "sizes": [measure_size(n, args) for n in args.sizes],
+        "real_docs": args.real_docs,
+        "real": measure_real(args) if args.real else None,
     }
     text = json.dumps(results, indent=2)
     if args.out is not None:

@@ -189,6 +189,12 @@ class MemoryConfig(_Section):
                                    description="Rows the silhouette is computed on.")
     recluster: bool = Field(default=False, description="Force a new warm-up this session; "
                             "ids are kept by matching to the previous clusters.")
+    recluster_margin: float = Field(
+        default=0.05, ge=-2.0, le=2.0,
+        description="A re-cluster keeps the previous clusters (refined by k-means from their "
+                    "centroids, plus clusters of documents that had none) unless a fresh "
+                    "warm-up's silhouette is higher by more than this; 2 keeps them always, "
+                    "-2 takes the fresh warm-up always.")
     match_method: MatchMethod = Field(default=MatchMethod.jaccard)
     min_jaccard: float = Field(default=0.5, ge=0.0, le=1.0,
                                description="Below this overlap a cluster gets a fresh id.")

@@ -5,9 +5,10 @@ cap and retirement rules, and re-embedding; composed from the clustering buildin
 new documents, and returns the next state:
 
 - First session, a forced re-cluster, or a change of cluster representation: warm-up
-  (`tasks.warmup`) over the documents in memory plus the new ones. A re-cluster keeps cluster
-  ids by Hungarian matching on member overlap or centroid distance (`tasks.cluster_ids`);
-  unmatched clusters get fresh ids, ids are never reused.
+  (`tasks.warmup`) over the documents in memory plus the new ones. A re-cluster keeps the
+  previous clusters, refined, unless a fresh warm-up is clearly better (`tasks.recluster`), and
+  keeps cluster ids by Hungarian matching on member overlap or centroid distance
+  (`tasks.cluster_ids`); unmatched clusters get fresh ids, ids are never reused.
 - Otherwise, streaming, in the DESIGN order: (a) refresh centroids and per-cluster statistics
   from the current members (`tasks.memory`); (c) assign the new documents to the nearest cluster
   with those centroids held fixed, opening clusters for outliers (`tasks.cluster_assignment`);
@@ -101,7 +102,7 @@ from driftlane.tasks.prototypes import (
     cluster_prototype_sums,
     document_prototypes,
 )
-from driftlane.tasks.warmup import choose_k_and_cluster
+from driftlane.tasks.recluster import warm_up_notes, warm_up_partition
 
 # A memberless cluster given no new document in this many sessions retires (module docstring).
 RETIRE_AFTER_SESSIONS = 3
@@ -346,17 +347,13 @@ def _warm_up(previous: MemoryState | None, new: NewDocuments, config: MemoryConf
         del new_space, old_space
     keys = np.concatenate([old_memory["doc_key"].to_numpy(str),
                            np.asarray(new.doc_keys, dtype=str)])
+    n_old = len(old_memory)
     with steps("warm-up"):
-        result = choose_k_and_cluster(space, config.k_min, config.k_max,
-                                      config.silhouette_sample, config.seed)
-    if result.reason:
-        notes.append(f"warm-up: {result.reason}")
-    else:
-        notes.append(f"warm-up chose k={result.k} over {len(space)} documents (silhouette "
-                     f"{result.silhouette_by_k.get(result.k, float('nan')):.3f})")
+        old_ids = None if previous is None else old_memory["cluster_id"].to_numpy(np.int64)
+        result, chosen = warm_up_partition(space, old_ids, config)
+    notes.extend(warm_up_notes(result, chosen, len(space), config.recluster_margin))
 
     labels = result.labels
-    n_old = len(old_memory)
     if previous is not None:
         same_space = previous.representation == representation
         method = config.match_method.value if same_space else "jaccard"
@@ -421,6 +418,8 @@ def _warm_up(previous: MemoryState | None, new: NewDocuments, config: MemoryConf
     report["warmup"] = {"k": result.k, "reason": result.reason,
                         "silhouette_by_k": {str(k): v for k, v in
                                             result.silhouette_by_k.items()}}
+    if chosen is not None:
+        report["warmup"]["recluster"] = chosen.record(config.recluster_margin)
     report["retired_clusters"] = []
     report["max_live_clusters"] = max_live_clusters(config)
     report["capped_documents"] = 0

@@ -14,8 +14,11 @@ is exactly what a run asked for k clusters returns (same seed, same random draws
 order). `bisecting_partitions` fits once and replays the splits in the order the greedy rule
 made them, giving the labels for every k in [k_min, k_max] (checked against one fit per k in
 `tests/test_warmup.py`). The k with the highest mean silhouette (Rousseeuw 1987) wins; ties go
-to the smaller k. The silhouette is O(n^2), so it is computed on one seeded sample of rows, the
-same rows for every k, so the scores are comparable.
+to the smaller k. The winning partition is then refined by Lloyd iterations on the unit rows
+(spherical k-means) from its member means, as Steinbach et al. recommend; a re-cluster started
+from the refined centroids then finds the same partition (`tasks.recluster`). The silhouette
+is O(n^2), so it is computed on one seeded sample of rows, the same rows for every k, so the
+scores are comparable.
 
 Degenerate inputs (fewer than 2 rows, all rows identical, fewer distinct rows than k_min) do not
 raise: they come back as a single cluster (k = 1) with a `reason` the caller logs.
@@ -31,6 +34,8 @@ from sklearn.metrics import silhouette_score
 
 DEFAULT_K_MAX = 20
 DEFAULT_SILHOUETTE_SAMPLE = 2000
+LLOYD_MAX_ITER = 30
+_BLOCK_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,35 @@ def unit_euclidean_distances(unit: np.ndarray) -> np.ndarray:
     distances = np.sqrt(np.maximum(2.0 - 2.0 * (unit @ unit.T), 0.0))
     np.fill_diagonal(distances, 0.0)
     return distances
+
+
+def nearest_centroid(unit: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(n,) int64 row of the highest cosine in `centroids` for each unit row, in blocks."""
+    labels = np.empty(len(unit), dtype=np.int64)
+    for start in range(0, len(unit), _BLOCK_ROWS):
+        block = unit[start:start + _BLOCK_ROWS]
+        labels[start:start + len(block)] = np.argmax(block @ centroids.T, axis=1)
+    return labels
+
+
+def spherical_lloyd(unit: np.ndarray, centroids: np.ndarray,
+                    max_iter: int = LLOYD_MAX_ITER) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd iterations on unit rows from `centroids` (k, d) until no label changes.
+
+    Returns (labels (n,) int64 in [0, k'), centroids (k', d) float32 normalized member means);
+    a centroid that ends with no member is dropped and the labels are renumbered in order.
+    """
+    centroids = unit_rows(centroids)
+    labels = nearest_centroid(unit, centroids)
+    for _ in range(max_iter):
+        used, labels = np.unique(labels, return_inverse=True)
+        centroids = normalized_cluster_means(unit, labels, len(used))
+        moved = nearest_centroid(unit, centroids)
+        if np.array_equal(moved, labels):
+            break
+        labels = moved
+    used, labels = np.unique(labels, return_inverse=True)
+    return labels.astype(np.int64), normalized_cluster_means(unit, labels, len(used))
 
 
 def _single_cluster(unit: np.ndarray, reason: str) -> WarmupResult:
@@ -203,5 +237,12 @@ def choose_k_and_cluster(
             best = (score, k, labels)
     assert best is not None
     _, k, labels = best
-    return WarmupResult(labels=labels, centroids=normalized_cluster_means(unit, labels, k),
-                        k=k, silhouette_by_k=silhouette_by_k, reason=None)
+    # Lloyd from the chosen bisection's means: a partition that k-means leaves as it is,
+    # so a re-cluster started from its centroids (tasks.recluster) returns it unchanged
+    refined, centroids = spherical_lloyd(unit, normalized_cluster_means(unit, labels, k))
+    if len(centroids) >= k_low:  # a cluster emptied below the asked range: keep the bisection
+        labels = refined
+    else:
+        centroids = normalized_cluster_means(unit, labels, k)
+    return WarmupResult(labels=labels, centroids=centroids, k=len(centroids),
+                        silhouette_by_k=silhouette_by_k, reason=None)

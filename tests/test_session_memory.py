@@ -130,8 +130,11 @@ def test_recluster_of_unchanged_data_keeps_every_id():
                           config(budget=100), SPEC, PLANES, "s0").state
     empty = NewDocuments(np.array([], dtype=str), np.zeros((0, DIM), np.float32),
                          np.zeros((0, DIM), np.float16), np.zeros(1, np.int64))
-    again = update_memory(first, empty, config(budget=100, recluster=True), SPEC, PLANES,
-                          "s1").state
+    update = update_memory(first, empty, config(budget=100, recluster=True), SPEC, PLANES,
+                           "s1")
+    again = update.state
+    assert any("re-cluster kept the previous clusters" in n for n in update.notes)
+    assert update.report["warmup"]["recluster"]["kept_previous"] is True
     merged = first.assignments.merge(again.assignments, on="doc_key")
     assert (merged["cluster_id_x"] == merged["cluster_id_y"]).all()
     assert again.next_cluster_id == first.next_cluster_id
@@ -186,10 +189,12 @@ def test_recluster_with_many_new_documents_in_one_topic_keeps_its_id():
                           SPEC, PLANES, "s0").state
     ids_before = first.assignments.set_index("doc_key")["cluster_id"]
     new = documents("s1", [0], 100, seed=3)  # five times the topic's old members
-    # k fixed at 3: this test is about the matching, not the choice of k
-    update = update_memory(first, new, config(budget=400, recluster=True, k_min=3, k_max=3),
+    # k fixed at 3 and the fresh warm-up taken: this test is about the matching
+    update = update_memory(first, new, config(budget=400, recluster=True, k_min=3, k_max=3,
+                                              recluster_margin=-2.0),
                            SPEC, PLANES, "s1")
     after = update.state.assignments.set_index("doc_key")["cluster_id"]
+    assert any("took a fresh warm-up" in n for n in update.notes)
     assert any("warm-up chose k=3" in n for n in update.notes)
     # every old document keeps its cluster id, and the new ones join topic 0's id
     assert (after.loc[ids_before.index] == ids_before).all()
