@@ -186,6 +186,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "driftlane_selfsup": {"sampling": {"mode": "self_supervised"}},
     "driftlane_selfsup_docs": {"sampling": {"mode": "self_supervised",
                                             "document_example_ratio": 1.0}},
+    # issue 15: the prototype roles against their dense counterparts
+    "driftlane_prototypes": {"memory": {"representation": "prototypes"}},
+    "driftlane_proto_negatives": {"sampling": {"negative_scoring": "prototypes"}},
+    "driftlane_selfsup_proto_negatives": {"sampling": {"mode": "self_supervised",
+                                                       "negative_scoring": "prototypes"}},
 }
 
 @dataclass(frozen=True)
@@ -218,7 +223,7 @@ def cpu_session(memory_budget: int, query_buffer_budget: int, k_max: int,
         "memory": {"budget": memory_budget, "k_max": k_max},
         "sampling": {"query_buffer_budget": query_buffer_budget},
         "finetune": {"device": "cpu", "max_seq_length": 96, "batch_size": 16, "epochs": 1.0,
-                     "max_steps": max_steps},
+                     **({} if max_steps is None else {"max_steps": max_steps})},
     }
 
 

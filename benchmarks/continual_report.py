@@ -17,6 +17,7 @@ import numpy as np
 
 from benchmarks.continual_costs import MAX_LAST_OVER_SECOND
 from benchmarks.continual_results import STAGES, TEST_METRICS
+from benchmarks.continual_sampling import sampling_lines
 
 # The four figures of the report's main table, per method and per seed.
 HEADLINE = ("avg_ndcg@10", "avg_success@5", "avg_recall@10", "bwt_ndcg@10")
@@ -81,6 +82,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {target['target']} | {_fmt_measured(target['measured'])} | "
                      f"{_fmt_met(target['met'])} |")
     lines += _significance_lines(results.get("significance"))
+    lines += sampling_lines(methods)
     lines += _curve_lines(methods)
     ours = methods.get("driftlane")
     if ours and ours.get("matrix_ndcg@10"):

@@ -44,6 +44,7 @@ from benchmarks.continual_results import (
     summarize_run,
     task_function_name,
 )
+from benchmarks.continual_sampling import sampling_diagnostics
 
 if TYPE_CHECKING:
     from benchmarks.continual import BenchConfig
@@ -163,6 +164,7 @@ def run_method(stream_flow: Any, session_urls: list[str], store: Path, config: A
     run["cpu_s"] = round(cpu, 1)
     run["store"] = str(store)
     run["load_average"] = load.summary()  # other work on the machine slows a run down
+    run["sampling"] = sampling_diagnostics(str(store))
     log_progress(f"{key}: done in {wall:.0f} s ({cpu:.0f} CPU s): avg nDCG@10 "
                  f"{format_score(run['avg_ndcg@10'])}, bwt {format_score(run['bwt_ndcg@10'])}")
     return run

@@ -217,6 +217,13 @@ class SamplingMode(StrEnum):
     self_supervised = "self_supervised"
 
 
+class NegativeScoring(StrEnum):
+    """How the hard negatives of the session's query examples are scored (tasks.negatives)."""
+
+    dense = "dense"
+    prototypes = "prototypes"
+
+
 class SamplingConfig(_Section):
     """Training examples from the session and from memory (DESIGN step 7, tasks.sampling)."""
 
@@ -229,6 +236,11 @@ class SamplingConfig(_Section):
     hard_negative_margin: float = Field(
         default=0.05, ge=0.0, le=2.0,
         description="Negatives must score at most (positive score - margin) against the query.")
+    negative_scoring: NegativeScoring = Field(
+        default=NegativeScoring.dense,
+        description="dense: a query example's negatives are scored by cosine of dense vectors; "
+        "prototypes: by the LSH token prototypes (term-based, approximating MaxSim), margin "
+        "on their cosine.")
     easy_negative_ratio: float = Field(
         default=0.2, ge=0.0, le=1.0,
         description="Share of examples whose negative comes from another cluster.")

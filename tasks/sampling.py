@@ -24,9 +24,16 @@ Rules (DESIGN step 7 leaves the details open; decided here):
   documents train the same way, a span of the document as its pseudo-query (the inverse cloze
   task, Lee et al. 2019; cropping as in Contriever, Izacard et al. 2022): a signal that needs
   no query at all.
-- Self-supervised mode reads the session's qrels for one figure only: how often the
-  pseudo-positive is a judged positive (`pseudo_positive_precision`), logged and written to the
-  training summary; it never changes which examples train.
+- Negatives of the session's query examples are scored by dense cosine, or, with
+  `negative_scoring = "prototypes"`, by the cosine of LSH token prototypes (query side against
+  document side, approximating MaxSim: term-based scoring, DESIGN step 4); the clusters are
+  the same either way. Document and replay examples are scored densely.
+- Both modes report how often a mined hard negative is a judged positive of its query
+  (`hard_negative_false_negative_rate`; the qrels of any split, read for that figure only).
+- Self-supervised mode reads the session's qrels for diagnostics only: how often the
+  pseudo-positive is a judged positive (`pseudo_positive_precision`) and the false-negative
+  rate above, logged and written to the training summary; they never change which examples
+  train.
 - Fewer than 2 clusters. Nothing crashes: there is no other cluster for easy or borrowed
   negatives, so they become random allowed documents of the one cluster (in-batch negatives
   still apply), and batches cannot be stratified, so they stay mixed. `sample_session` says so in
@@ -109,6 +116,27 @@ def pseudo_positive_precision(pairs: pd.DataFrame, qrels: pd.DataFrame | None,
             "pseudo_positives_judged": len(checked)}
 
 
+def hard_negative_judgments(examples: pd.DataFrame, qrels: pd.DataFrame | None,
+                            session: str) -> dict:
+    """How often a hard negative of the session's query examples is a judged positive of its
+    query (any split, score > 0): the false-negative rate of mining, over the examples whose
+    query has judgments. A diagnostic only; None when no such example exists."""
+    empty = {"hard_negative_false_negative_rate": None, "hard_negatives_judged": 0}
+    if qrels is None or not len(examples):
+        return empty
+    judged = pd.concat([labeled_pairs(qrels, session, "train"),
+                        labeled_pairs(qrels, session, "test")], ignore_index=True)
+    hard = examples[(examples["negative_kind"] == "hard") & (examples["source"] == "new")
+                    & examples["query_key"].isin(set(judged["query_key"]))]
+    if not len(hard):
+        return empty
+    truth = set(zip(judged["query_key"], judged["positive_key"], strict=True))
+    hits = sum((q, d) in truth for q, d in zip(hard["query_key"], hard["negative_key"],
+                                               strict=True))
+    return {"hard_negative_false_negative_rate": hits / len(hard),
+            "hard_negatives_judged": len(hard)}
+
+
 def training_queries(queries: pd.DataFrame, qrels: pd.DataFrame, session: str,
                      mode: SamplingMode | str) -> pd.DataFrame:
     """DataFrame(query_key, text) of the session's queries that may train.
@@ -162,6 +190,7 @@ def sample_session(
     query_buffer: pd.DataFrame | None = None,
     buffer_vectors: np.ndarray | None = None,
     probe_vectors: np.ndarray | None = None,
+    prototype_space: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SamplingResult:
     """All training examples of one session: new ones, then replay (DESIGN step 7).
 
@@ -169,6 +198,8 @@ def sample_session(
     Labeled mode needs `qrels` (ingested frame); self-supervised mode needs `query_tokens` and
     `doc_tokens` (one per pool row), and `probe_vectors` (m, d') when the centroids live in
     another space than query_vectors (query prototypes for prototype clusters).
+    prototype_space: (pool prototypes (N, P), query prototypes (m, P)) to score the negatives
+    of the query examples by token prototypes instead of dense vectors (`negative_scoring`).
     New examples: the session's query pairs, then (if `config.singleton_examples`) document
     examples of this session's documents that are alone in their cluster. Replay from
     `query_buffer` (+ `buffer_vectors`, the current encoder's vectors of its query texts) and
@@ -220,7 +251,12 @@ def sample_session(
                      f"{int((~in_pool).sum())} with a positive outside the pool were skipped")
     pairs, rows = pairs[usable], rows[usable]
     pairs = pairs.assign(anchor=queries["text"].to_numpy(dtype=object)[rows])
-    parts = [examples_from_pairs(pairs, query_vectors[rows], index,
+    scored_by, anchor_vectors = index, query_vectors[rows]
+    if prototype_space is not None:  # the same clusters, scored on token prototypes
+        pool_prototypes, query_prototypes = prototype_space
+        scored_by = CandidatePool.from_table(pool, pool_prototypes, centroids)
+        anchor_vectors = query_prototypes[rows]
+    parts = [examples_from_pairs(pairs, anchor_vectors, scored_by,
                                  margin=config.hard_negative_margin,
                                  easy_ratio=config.easy_negative_ratio, seed=seed,
                                  origin=origin, source="new", known_positives=known)]
@@ -256,6 +292,11 @@ def sample_session(
         examples = concat_examples([new, replay])
     else:
         examples = new
+    diagnostics.update(hard_negative_judgments(examples, qrels, session))
+    if diagnostics["hard_negative_false_negative_rate"] is not None:
+        notes.append(f"hard negatives that are judged positives: "
+                     f"{diagnostics['hard_negative_false_negative_rate']:.3f} of "
+                     f"{diagnostics['hard_negatives_judged']} (qrels read for this figure only)")
     n_none = int((examples["negative_kind"] == "none").sum())
     if n_none:
         notes.append(f"{n_none} examples without any allowed negative (in-batch negatives only)")

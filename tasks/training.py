@@ -18,7 +18,13 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from driftlane.infra.caching import cache_key_for, stage_output_dir
-from driftlane.infra.config import EmbeddingConfig, FinetuneConfig, SamplingConfig, SamplingMode
+from driftlane.infra.config import (
+    EmbeddingConfig,
+    FinetuneConfig,
+    NegativeScoring,
+    SamplingConfig,
+    SamplingMode,
+)
 from driftlane.infra.embedding_cache import EmbeddingCache
 from driftlane.infra.faults import crash_point
 from driftlane.infra.io import read_npy, read_parquet
@@ -28,7 +34,7 @@ from driftlane.tasks.embedding_stage import embed_stage
 from driftlane.tasks.finetune import FINETUNE_VERSION, fine_tune
 from driftlane.tasks.memory import next_stream_index
 from driftlane.tasks.memory_state import load_memory_state, split_tokens, take_ragged
-from driftlane.tasks.prototypes import query_prototypes
+from driftlane.tasks.prototypes import PrototypeSpec, document_prototypes, query_prototypes
 from driftlane.tasks.pseudo_positives import RaggedTokens
 from driftlane.tasks.replay import empty_query_buffer, query_buffer_rows, update_query_buffer
 from driftlane.tasks.sampling import sample_session, training_queries, training_texts
@@ -43,7 +49,9 @@ from driftlane.tasks.stage_results import (
 )
 from driftlane.tasks.texts import doc_texts_of
 
-SAMPLE_VERSION = "3"  # 3: stored vectors for compatible training
+SAMPLE_VERSION = "4"  # 4: negatives scored on prototypes; false-negative rate
+# Documents whose prototypes are built at once when negatives are scored on prototypes.
+PROTOTYPE_BLOCK = 2048
 
 
 def _embed(label: str, texts: list[str], embedding: EmbeddingConfig, model_version: str,
@@ -69,6 +77,18 @@ def example_vectors(examples: pd.DataFrame, pool_keys: pd.Series,
         found = rows >= 0
         out[found, slot] = pool_vectors[rows[found]]
     return out
+
+
+def pool_prototypes(doc_tokens: RaggedTokens, spec: PrototypeSpec,
+                    planes: dict[str, np.ndarray]) -> np.ndarray:
+    """(N, P) float32 document prototypes of the pool's token embeddings, built in blocks of
+    PROTOTYPE_BLOCK documents (the float32 copies of their tokens stay small)."""
+    blocks = []
+    for start in range(0, len(doc_tokens), PROTOTYPE_BLOCK):
+        rows = np.arange(start, min(start + PROTOTYPE_BLOCK, len(doc_tokens)))
+        blocks.append(document_prototypes(doc_tokens.rows(rows), spec, planes))
+    return (np.concatenate(blocks) if blocks
+            else np.zeros((0, spec.output_dim), dtype=np.float32))
 
 
 @task(cache_key_fn=cache_key_for("sample", SAMPLE_VERSION), persist_result=True,
@@ -103,8 +123,9 @@ def sample_training(session_name: str, ingested: IngestedSession, embedded: Embe
                      ignore_index=True)
     new_vectors = read_npy(embedded.vectors_path)
     pool_vectors = np.concatenate([state.vectors, new_vectors[outside]])
+    proto_negatives = sampling.negative_scoring == NegativeScoring.prototypes
     doc_tokens = None
-    if selfsup:
+    if selfsup or proto_negatives:
         new_tokens, new_offsets = take_ragged(read_npy(embedded.tokens_path),
                                               read_npy(embedded.token_offsets_path),
                                               np.flatnonzero(outside))
@@ -119,7 +140,12 @@ def sample_training(session_name: str, ingested: IngestedSession, embedded: Embe
                                sampling.mode)
     query_vectors, query_tokens = _embed(f"training queries {session_name}",
                                          queries["text"].tolist(), embedding, model_version,
-                                         cache_url, tokens=selfsup)
+                                         cache_url, tokens=selfsup or proto_negatives)
+    prototype_space = None
+    if proto_negatives:
+        prototype_space = (pool_prototypes(doc_tokens, spec, planes),
+                           query_prototypes(split_tokens(query_tokens.tokens,
+                                                         query_tokens.offsets), spec, planes))
     probe_vectors = None
     if selfsup and state.representation == "prototypes":
         probe_vectors = query_prototypes(split_tokens(query_tokens.tokens,
@@ -136,7 +162,7 @@ def sample_training(session_name: str, ingested: IngestedSession, embedded: Embe
         session_name, pool, pool_vectors, state.centroids, doc_texts, queries, query_vectors,
         sampling, qrels=qrels, query_tokens=query_tokens,
         doc_tokens=doc_tokens, query_buffer=buffer, buffer_vectors=buffer_vectors,
-        probe_vectors=probe_vectors)
+        probe_vectors=probe_vectors, prototype_space=prototype_space)
     for note in result.notes:
         logger.info("session %s: %s", session_name, note)
     examples = result.examples

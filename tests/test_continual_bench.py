@@ -101,7 +101,8 @@ def test_small_stays_as_committed_and_medium_is_larger():
     assert medium.docs_per_session >= 2000 and medium.queries_per_session is None
     # the same encoder settings, so small's per-token costs carry over to the estimate
     assert medium.session["embedding"] == small.session["embedding"]
-    assert medium.session["finetune"] == small.session["finetune"]
+    # ... and the same training but for medium's cap on the steps of a session
+    assert medium.session["finetune"] == {**small.session["finetune"], "max_steps": 50}
 
 
 def test_an_unknown_field_fails_loudly():
@@ -790,3 +791,18 @@ def test_the_bench_command_passes_its_options_on(folders, monkeypatch):
     assert result.exit_code == 2 and not ran[1:]
     assert result.output.strip().splitlines() == [
         "error: --datasets and --stream both give the stream; pass one"]
+
+
+def test_sampling_diagnostics_are_pooled_by_judged_cases():
+    from benchmarks.continual_sampling import sampling_lines
+
+    seeds = {"0": {"sampling": {"hard_negative_false_negative_rate": 0.5,
+                                "hard_negatives_judged": 2, "pseudo_positive_precision": None,
+                                "pseudo_positives_judged": 0}},
+             "1": {"sampling": {"hard_negative_false_negative_rate": 0.0,
+                                "hard_negatives_judged": 6, "pseudo_positive_precision": 0.25,
+                                "pseudo_positives_judged": 4}}}
+    lines = sampling_lines({"driftlane": {"seeds": seeds}, "zero_shot": {"seeds": {"0": {}}}})
+    assert "| driftlane | 0.2500 (4) | 0.1250 (8) |" in lines  # (0.5 * 2 + 0) / 8
+    assert not any(line.startswith("| zero_shot") for line in lines)
+    assert sampling_lines({"zero_shot": {"seeds": {"0": {}}}}) == []

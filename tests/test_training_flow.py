@@ -106,3 +106,16 @@ def test_each_session_reports_what_training_bought(trained_store, stream, tmp_pa
     assert later["after"] == results[1]["metrics"]
     text = CliRunner().invoke(app, ["show", "--store", str(store_dir)]).output
     assert "training bought" in text
+
+
+@pytest.mark.parametrize("mode", ["labeled", "self_supervised"])
+def test_negatives_scored_on_prototypes_run_through_the_flow(stream, tmp_path, mode):
+    """`negative_scoring = "prototypes"` reads token embeddings of the pool and the queries in
+    either sampling mode; the summary carries the false-negative rate of mining."""
+    config = SessionConfig.model_validate({**CONFIG.model_dump(mode="json"), "sampling": {
+        "mode": mode, "negative_scoring": "prototypes"}})
+    session_flow(str(stream[0]), str(tmp_path / "store"), config)
+    store = Store(str(tmp_path / "store"))
+    summary = store.read_json(store.sessions()[0], "training/sampling.json")
+    assert summary["n_examples"] > 0
+    assert "hard_negative_false_negative_rate" in summary["diagnostics"]
