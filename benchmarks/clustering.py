@@ -70,10 +70,11 @@ def measure_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     vectors, topics = synthetic_embeddings(n, args.dim, args.topics, args.noise,
                                            args.topic_concentration, args.data_seed)
     k_max = args.large_k_max if n >= args.large_from else args.k_max
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     first = choose_k_and_cluster(vectors, args.k_min, k_max,
                                  sample_size=args.silhouette_sample, seed=0)
     warmup_s = time.perf_counter() - started
+    warmup_cpu_s = time.process_time() - cpu_started  # all threads: load does not add to it
 
     started = time.perf_counter()
     second = choose_k_and_cluster(vectors, args.k_min, k_max,
@@ -96,6 +97,8 @@ def measure_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "n_docs": n,
         "k_range": [args.k_min, k_max],
         "warmup_wall_s": round(warmup_s, 2),
+        "warmup_cpu_s": round(warmup_cpu_s, 2),
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "chosen_k": first.k,
         "true_topics": args.topics,
         "ari_vs_topics": round(float(adjusted_rand_score(topics, first.labels)), 4),
@@ -199,15 +202,22 @@ def markdown_table(results: dict[str, Any]) -> str:
         "warm-up; fresh warm-up: a second warm-up with seed 1, matched the same way (the "
         "re-cluster before issue 15).",
         "",
-        "| docs | k range | warm-up (s) | chosen k (true) | ARI vs topics | ID survival, "
-        "re-cluster (target >= 0.99) | re-cluster kept / k / s | fresh warm-up k | ID survival, "
-        "fresh warm-up | warm-up re-run, unmatched | k-means re-run, unmatched |",
+        "Warm-up: wall seconds, then CPU seconds of the process (all threads; 2 threads on 2 "
+        "idle cores give about twice the wall time) and the 1-minute load average after it: "
+        "other work on the machine stretches the wall time, not the CPU time.",
+        "",
+        "| docs | k range | warm-up s (CPU s, load) | chosen k (true) | ARI vs topics | "
+        "ID survival, re-cluster (target >= 0.99) | re-cluster kept / k / s | "
+        "fresh warm-up k | ID survival, fresh warm-up | warm-up re-run, unmatched | "
+        "k-means re-run, unmatched |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["sizes"]:
         lines.append(
             f"| {row['n_docs']} | {row['k_range'][0]}-{row['k_range'][1]} | "
-            f"{row['warmup_wall_s']} | {row['chosen_k']} ({row['true_topics']}) | "
+            f"{row['warmup_wall_s']} ({row.get('warmup_cpu_s', 'n/a')}, "
+            f"{row.get('load_average_after', ['n/a'])[0]}) | "
+            f"{row['chosen_k']} ({row['true_topics']}) | "
             f"{row['ari_vs_topics']} | {row['id_survival_recluster']} | "
             f"{row['recluster_kept_previous']} / {row['recluster_k']} / "
             f"{row['recluster_wall_s']} | {row['rewarmup_chosen_k']} | "
