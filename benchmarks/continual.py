@@ -64,6 +64,10 @@ Configurations (CONFIGS):
     gpu     the full default stream (scifact, cosqa, npl_vaswani, cisi, msmarco_agentset5k),
             windows of 256 tokens, training texts of 256 tokens; 3 seeds; device auto.
 
+Measured (continual_medium_subset.md, seed 0, the step cap on, a machine shared with other
+work): zero_shot 9 min, random_replay 33 min, driftlane 18 min, driftlane_selfsup_docs 18 min
+wall. The estimate below predates the step cap and the update modes.
+
 Run time of medium, estimated from the committed small results (continual_small.json, mean
 load 3.2 on 2 cores): the work of each method on each stream was counted as the flow does it
 (tokens through the 96-token windows of every text encoded: the new documents, the corpus
