@@ -63,7 +63,7 @@ class ReclusterResult:
                 "margin": margin}
 
 
-def sampled_silhouette(unit: np.ndarray, labels: np.ndarray, sample: np.ndarray,
+def sampled_silhouette(labels: np.ndarray, sample: np.ndarray,
                        distances: np.ndarray) -> float | None:
     """Silhouette of `labels` on the sample rows (precomputed distances); None if undefined."""
     sample_labels = labels[sample]
@@ -104,7 +104,7 @@ def recluster(vectors: np.ndarray, previous: np.ndarray, k_min: int, k_max: int,
     unit = unit_rows(vectors)
     labels, centroids = spherical_lloyd(unit, kept_start(unit, previous, fresh))
     sample = silhouette_sample_rows(len(unit), sample_size, seed)  # the warm-up's sample
-    kept_score = sampled_silhouette(unit, labels, sample, unit_euclidean_distances(unit[sample]))
+    kept_score = sampled_silhouette(labels, sample, unit_euclidean_distances(unit[sample]))
     outside = not k_min <= len(centroids) <= k_max  # the asked range excludes the kept k
     if (kept_score is None or outside
             or (fresh_score is not None and fresh_score > kept_score + margin)):
