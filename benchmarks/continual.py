@@ -9,6 +9,11 @@ a set of configuration overrides (METHODS) on top of the configuration's shared 
     sequential            fine-tune on the new session only (no replay, mixed batches)
     random_replay         the same memory budget, reservoir eviction, random negatives, mixed
                           batches
+    mir                   random_replay, replaying the buffered pairs whose loss a virtual
+                          update on the session's new examples raises most (MIR,
+                          `tasks.interference`)
+    gss                   random_replay with a query buffer kept by gradient diversity
+                          (GSS-Greedy, `tasks.gradient_diversity`) instead of a reservoir
     joint                 retrain from the base model on everything seen so far, then re-embed
                           the whole corpus (update mode full): the upper bound, in quality and
                           in cost
@@ -178,6 +183,13 @@ METHODS: dict[str, dict[str, Any]] = {
         "memory": {"eviction": "reservoir"},
         "sampling": {"stratified_batches": False, "easy_negative_ratio": 1.0},
     },
+    # the L2R paper's strongest replay rules on random_replay's memory (issue 13)
+    "mir": {"memory": {"eviction": "reservoir"},
+            "sampling": {"stratified_batches": False, "easy_negative_ratio": 1.0,
+                         "replay_selection": "mir"}},
+    "gss": {"memory": {"eviction": "reservoir"},
+            "sampling": {"stratified_batches": False, "easy_negative_ratio": 1.0,
+                         "query_buffer_policy": "gss"}},
     "joint": {
         "finetune": {"start_from": "base"},
         "sampling": {"replay_all": True, "query_buffer_budget": 10_000_000},

@@ -224,6 +224,20 @@ class NegativeScoring(StrEnum):
     prototypes = "prototypes"
 
 
+class ReplaySelection(StrEnum):
+    """Which buffered (query, positive) pairs replay in a session (tasks.replay)."""
+
+    uniform = "uniform"
+    mir = "mir"
+
+
+class BufferPolicy(StrEnum):
+    """Which pairs the query buffer keeps when it is full (tasks.replay)."""
+
+    reservoir = "reservoir"
+    gss = "gss"
+
+
 class SamplingConfig(_Section):
     """Training examples from the session and from memory (DESIGN step 7, tasks.sampling)."""
 
@@ -258,6 +272,20 @@ class SamplingConfig(_Section):
                                 description="Share of replay examples in the mixed set.")
     query_buffer_budget: int = Field(default=1000, ge=0, le=10_000_000,
                                      description="Past training queries kept for replay.")
+    replay_selection: ReplaySelection = Field(
+        default=ReplaySelection.uniform,
+        description="uniform: replayed pairs drawn uniformly from the query buffer; mir: the "
+        "buffered pairs whose loss a virtual update on the session's new examples raises most "
+        "(Maximally Interfered Retrieval, Aljundi et al. 2019).")
+    mir_virtual_steps: int = Field(default=5, ge=1, le=1000,
+                                   description="mir: optimizer steps of the virtual update.")
+    query_buffer_policy: BufferPolicy = Field(
+        default=BufferPolicy.reservoir,
+        description="reservoir: every pair offered keeps the same chance; gss: greedy "
+        "gradient-based sample selection (GSS-Greedy, Aljundi et al. 2019), pairs whose loss "
+        "gradient differs from the buffer's enter.")
+    gss_compared: int = Field(default=10, ge=1, le=10_000,
+                              description="gss: buffered pairs each new pair is compared with.")
     replay_all: bool = Field(default=False, description="Replay every buffered query "
                              "instead of replay_ratio (the joint-retraining baseline).")
     stratified_batches: bool = Field(default=True,

@@ -1,9 +1,11 @@
 """Experience replay: old training pairs and remembered documents, and the query buffer.
 
 - Replay. `replay_count` examples join a session's new ones so that they make up
-  `replay_ratio` of the mixed set. They come first from the query buffer (uniformly, without
-  replacement, skipping queries whose positive left memory), then, if the buffer is short, from
-  document examples of remembered documents of past sessions (`replay_examples`).
+  `replay_ratio` of the mixed set. They come first from the query buffer (skipping queries
+  whose positive left memory; uniformly, without replacement, or, given a `rank` function, the
+  highest-ranked ones, e.g. MIR's interference of `tasks.interference`), then, if the buffer
+  is short, from document examples of remembered documents of past sessions
+  (`replay_examples`).
 - Query buffer: a reservoir sample (Algorithm R, the same `tasks.eviction` reservoir as document
   eviction) of every (query, positive) pair ever trained on, under its own budget: each pair
   offered so far has the same chance to be kept, whatever the session sizes. Chosen over a
@@ -15,6 +17,8 @@ A buffer is a table of `QUERY_BUFFER_COLUMNS`; nothing here edits its inputs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -36,6 +40,7 @@ from driftlane.tasks.negatives import (
 __all__ = [
     "QUERY_BUFFER_COLUMNS",
     "empty_query_buffer",
+    "new_query_examples",
     "query_buffer_rows",
     "replay_count",
     "replay_examples",
@@ -65,12 +70,15 @@ def replay_examples(
     margin: float,
     easy_ratio: float,
     seed: Seed,
+    rank: Callable[[pd.DataFrame], np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Up to `n_replay` replay examples (source "replay"): buffered queries, then documents.
 
     query_buffer (`QUERY_BUFFER_COLUMNS`) with buffer_vectors (b, d), the current encoder's
     vectors of its query texts. Buffer rows whose positive is not in the pool are skipped; the
-    rest are drawn uniformly without replacement (origin "buffer"). If they are fewer than
+    rest are drawn uniformly without replacement (origin "buffer"); with `rank`, every one of
+    them becomes an example and `rank(examples)` scores them (higher replays first, ties in
+    buffer order). If they are fewer than
     `n_replay`, document examples of pool documents from sessions other than `session` fill up,
     also drawn without replacement. Fewer than `n_replay` come back when memory is small.
     """
@@ -79,7 +87,10 @@ def replay_examples(
     rng = seeded_rng(seed, REPLAY_STREAM)
     usable = np.flatnonzero(
         pool.index.get_indexer(query_buffer["positive_key"].to_numpy(dtype=object)) >= 0)
-    take = np.sort(rng.choice(usable, size=min(n_replay, len(usable)), replace=False))
+    if rank is None:
+        take = np.sort(rng.choice(usable, size=min(n_replay, len(usable)), replace=False))
+    else:
+        take = usable
     parts = []
     if len(take):
         chosen = query_buffer.iloc[take]
@@ -90,6 +101,13 @@ def replay_examples(
             pairs, buffer_vectors[take], pool, margin=margin, easy_ratio=easy_ratio, seed=seed,
             origin="buffer", source="replay",
             known_positives=query_buffer[["query_key", "positive_key"]]))
+        if rank is not None:
+            scores = np.asarray(rank(parts[0]), dtype=np.float64)
+            if scores.shape != (len(take),):
+                raise ValueError(f"rank gave {scores.shape} scores for {len(take)} candidates")
+            best = np.sort(np.lexsort((np.arange(len(take)), -scores))[:n_replay])
+            parts[0] = parts[0].iloc[best].reset_index(drop=True)
+            take = take[best]
     n_docs = n_replay - len(take)
     past = np.flatnonzero(pool.sessions != session)
     if n_docs > 0 and len(past):
@@ -114,8 +132,7 @@ def query_buffer_rows(examples: pd.DataFrame, session: str,
 
     Stream indices run from `first_stream_index` (see `tasks.memory.next_stream_index`).
     """
-    new = examples[(examples["source"] == "new")
-                   & ~examples["query_key"].astype(str).str.startswith(SPAN_PREFIX)]
+    new = examples[new_query_examples(examples)]
     n = len(new)
     return pd.DataFrame({
         "query_key": new["query_key"].to_numpy(dtype=object),
@@ -125,6 +142,12 @@ def query_buffer_rows(examples: pd.DataFrame, session: str,
         "session": np.full(n, session, dtype=object),
         "stream_index": np.arange(first_stream_index, first_stream_index + n, dtype=np.int64),
     })
+
+
+def new_query_examples(examples: pd.DataFrame) -> pd.Series:
+    """Mask of the examples that enter the query buffer: new, and anchored by a query."""
+    return ((examples["source"] == "new")
+            & ~examples["query_key"].astype(str).str.startswith(SPAN_PREFIX))
 
 
 def update_query_buffer(buffer: pd.DataFrame, new_rows: pd.DataFrame, budget: int, seen: int,

@@ -51,6 +51,7 @@ Wiring, for the caller: `training_queries` -> embed them -> `sample_session` ->
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -191,6 +192,7 @@ def sample_session(
     buffer_vectors: np.ndarray | None = None,
     probe_vectors: np.ndarray | None = None,
     prototype_space: tuple[np.ndarray, np.ndarray] | None = None,
+    replay_rank: Callable[[pd.DataFrame, pd.DataFrame], np.ndarray] | None = None,
 ) -> SamplingResult:
     """All training examples of one session: new ones, then replay (DESIGN step 7).
 
@@ -200,6 +202,9 @@ def sample_session(
     another space than query_vectors (query prototypes for prototype clusters).
     prototype_space: (pool prototypes (N, P), query prototypes (m, P)) to score the negatives
     of the query examples by token prototypes instead of dense vectors (`negative_scoring`).
+    replay_rank: (new examples, candidate replay examples) -> one score per candidate; the
+    highest-scored buffered pairs replay (MIR, `tasks.interference`) instead of a uniform
+    draw.
     New examples: the session's query pairs, then (if `config.singleton_examples`) document
     examples of this session's documents that are alone in their cluster. Replay from
     `query_buffer` (+ `buffer_vectors`, the current encoder's vectors of its query texts) and
@@ -285,7 +290,9 @@ def sample_session(
                                  span_words=config.span_words,
                                  margin=config.hard_negative_margin,
                                  easy_ratio=config.easy_negative_ratio,
-                                 seed=[*seed, REPLAY_STREAM])
+                                 seed=[*seed, REPLAY_STREAM],
+                                 rank=None if replay_rank is None
+                                 else (lambda candidates: replay_rank(new, candidates)))
         if len(replay) < n_replay:
             notes.append(f"replay: {len(replay)} of {n_replay} wanted examples (memory holds "
                          "too few queries and past documents)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -19,9 +20,11 @@ from prefect import get_run_logger, task
 
 from driftlane.infra.caching import cache_key_for, stage_output_dir
 from driftlane.infra.config import (
+    BufferPolicy,
     EmbeddingConfig,
     FinetuneConfig,
     NegativeScoring,
+    ReplaySelection,
     SamplingConfig,
     SamplingMode,
 )
@@ -32,11 +35,20 @@ from driftlane.tasks.batching import plan_batches, training_budget
 from driftlane.tasks.compatibility_loss import CompatibilityTargets
 from driftlane.tasks.embedding_stage import embed_stage
 from driftlane.tasks.finetune import FINETUNE_VERSION, fine_tune
+from driftlane.tasks.gradient_diversity import gss_update_query_buffer
+from driftlane.tasks.interference import interference_scores
 from driftlane.tasks.memory import next_stream_index
 from driftlane.tasks.memory_state import load_memory_state, split_tokens, take_ragged
+from driftlane.tasks.negatives import CandidatePool
 from driftlane.tasks.prototypes import PrototypeSpec, document_prototypes, query_prototypes
 from driftlane.tasks.pseudo_positives import RaggedTokens
-from driftlane.tasks.replay import empty_query_buffer, query_buffer_rows, update_query_buffer
+from driftlane.tasks.replay import (
+    QUERY_BUFFER_COLUMNS,
+    empty_query_buffer,
+    new_query_examples,
+    query_buffer_rows,
+    update_query_buffer,
+)
 from driftlane.tasks.sampling import sample_session, training_queries, training_texts
 from driftlane.tasks.stage_results import (
     EmbeddedSession,
@@ -89,6 +101,21 @@ def pool_prototypes(doc_tokens: RaggedTokens, spec: PrototypeSpec,
         blocks.append(document_prototypes(doc_tokens.rows(rows), spec, planes))
     return (np.concatenate(blocks) if blocks
             else np.zeros((0, spec.output_dim), dtype=np.float32))
+
+
+def mir_rank(model_path: str, doc_texts: pd.Series, sampling: SamplingConfig,
+             finetune: FinetuneConfig):
+    """The replay ranking of `sampling.replay_selection` (None: uniform replay): MIR's loss
+    increase under a virtual update of the starting model (`tasks.interference`)."""
+    if sampling.replay_selection != ReplaySelection.mir:
+        return None
+
+    def rank(new: pd.DataFrame, candidates: pd.DataFrame) -> np.ndarray:
+        return interference_scores(model_path, training_texts(new, doc_texts),
+                                   training_texts(candidates, doc_texts), finetune,
+                                   sampling.mir_virtual_steps, sampling.seed)
+
+    return rank
 
 
 @task(cache_key_fn=cache_key_for("sample", SAMPLE_VERSION), persist_result=True,
@@ -162,7 +189,8 @@ def sample_training(session_name: str, ingested: IngestedSession, embedded: Embe
         session_name, pool, pool_vectors, state.centroids, doc_texts, queries, query_vectors,
         sampling, qrels=qrels, query_tokens=query_tokens,
         doc_tokens=doc_tokens, query_buffer=buffer, buffer_vectors=buffer_vectors,
-        probe_vectors=probe_vectors, prototype_space=prototype_space)
+        probe_vectors=probe_vectors, prototype_space=prototype_space,
+        replay_rank=mir_rank(embedding.model, doc_texts, sampling, finetune))
     for note in result.notes:
         logger.info("session %s: %s", session_name, note)
     examples = result.examples
@@ -173,8 +201,19 @@ def sample_training(session_name: str, ingested: IngestedSession, embedded: Embe
     texts = training_texts(examples, doc_texts)
 
     rows = query_buffer_rows(examples, session_name, next_stream_index(buffer, seen))
-    buffer, seen = update_query_buffer(buffer, rows, sampling.query_buffer_budget, seen,
-                                       sampling.seed)
+    if sampling.query_buffer_policy == BufferPolicy.gss:
+        new = examples[new_query_examples(examples)]
+        anchors = query_vectors[pd.Index(queries["query_key"].to_numpy(dtype=object))
+                                .get_indexer(new["query_key"].to_numpy(dtype=object))]
+        buffer, seen = gss_update_query_buffer(
+            buffer, buffer_vectors, rows, new, anchors,
+            CandidatePool.from_table(pool, pool_vectors, state.centroids),
+            budget=sampling.query_buffer_budget, seen=seen, compared=sampling.gss_compared,
+            margin=sampling.hard_negative_margin, easy_ratio=sampling.easy_negative_ratio,
+            seed=[sampling.seed, zlib.crc32(session_name.encode())])
+    else:
+        buffer, seen = update_query_buffer(buffer[list(QUERY_BUFFER_COLUMNS)], rows,
+                                           sampling.query_buffer_budget, seen, sampling.seed)
     examples.to_parquet(out / "examples.parquet", index=False)
     texts.to_parquet(out / "texts.parquet", index=False)
     sizes = np.array([len(b) for b in plan.batches], dtype=np.int64)

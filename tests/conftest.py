@@ -64,3 +64,11 @@ def scratch(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "scratch"
     monkeypatch.setenv("DRIFTLANE_SCRATCH", str(folder))
     return folder
+
+
+@pytest.fixture()
+def world() -> dict:
+    """The hand-made sampling world of `tests.sampling_world`."""
+    from sampling_world import make_world
+
+    return make_world()

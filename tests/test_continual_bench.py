@@ -23,6 +23,7 @@ from benchmarks import (  # noqa: E402
     continual_costs,
     continual_report,
     continual_results,
+    continual_runs,
 )
 
 # R[i][j] of nDCG@10 for a three-session stream, by hand; other metrics are 0.1 lower.
@@ -806,3 +807,27 @@ def test_sampling_diagnostics_are_pooled_by_judged_cases():
     assert "| driftlane | 0.2500 (4) | 0.1250 (8) |" in lines  # (0.5 * 2 + 0) / 8
     assert not any(line.startswith("| zero_shot") for line in lines)
     assert sampling_lines({"zero_shot": {"seeds": {"0": {}}}}) == []
+
+
+def test_resume_keeps_a_run_whose_settings_only_lack_new_fields(tmp_path):
+    small = continual.CONFIGS["small"]
+    config = continual.method_config(small, "driftlane", 0)
+    run = {"store": str(tmp_path / "store"), "avg_ndcg@10": 0.5}
+    continual_runs.save_finished_run(tmp_path, "driftlane", 0, config, run)
+    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, config, 0) == run
+    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, config, 1) is None
+    path = tmp_path / "runs" / "driftlane_seed0.json"
+    saved = json.loads(path.read_text())
+    # a run saved before `replay_selection` existed: another digest, the field missing
+    del saved["settings"]["sampling"]["replay_selection"]
+    saved["config_digest"] = "older"
+    path.write_text(json.dumps(saved))
+    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, config, 0) == run
+    other = continual.method_config(small, "random_replay", 0)
+    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, other, 0) is None
+    saved["settings"]["sampling"]["removed_option"] = 1  # a field this code no longer knows
+    path.write_text(json.dumps(saved))
+    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, config, 0) is None
+    del saved["settings"]  # runs saved with the digest alone still need the same digest
+    path.write_text(json.dumps(saved))
+    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, config, 0) is None

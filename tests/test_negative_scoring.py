@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sampling_world import DOCS, at_cosine, axis
 
 from driftlane.infra.config import SamplingConfig
 from driftlane.tasks.prototypes import PrototypeSpec, document_prototypes, make_hyperplanes
 from driftlane.tasks.pseudo_positives import RaggedTokens
 from driftlane.tasks.sampling import hard_negative_judgments, sample_session
-from tests.test_sampling import DOCS, at_cosine, axis, world  # noqa: F401 (fixture)
 
 
 def prototype_space(world_: dict, cosines: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:

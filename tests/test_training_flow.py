@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
@@ -119,3 +120,21 @@ def test_negatives_scored_on_prototypes_run_through_the_flow(stream, tmp_path, m
     summary = store.read_json(store.sessions()[0], "training/sampling.json")
     assert summary["n_examples"] > 0
     assert "hard_negative_false_negative_rate" in summary["diagnostics"]
+
+
+def test_mir_and_gss_replay_run_through_the_flow(stream, tmp_path):
+    """The L2R baselines' replay rules: MIR ranks the buffered pairs with a virtual update of
+    the session's starting model, GSS keeps the buffer with a score per pair."""
+    config = SessionConfig.model_validate({**CONFIG.model_dump(mode="json"), "sampling": {
+        "replay_selection": "mir", "mir_virtual_steps": 1, "query_buffer_policy": "gss",
+        "replay_ratio": 0.5, "query_buffer_budget": 5}})
+    for session in stream:
+        session_flow(str(session), str(tmp_path / "store"), config)
+    store = Store(str(tmp_path / "store"))
+    first, second = store.sessions()
+    summary = store.read_json(second, "training/sampling.json")
+    assert summary["examples_by_source_and_negative"].get("replay/hard", 0) \
+        + summary["examples_by_source_and_negative"].get("replay/easy", 0) > 0
+    assert summary["query_buffer_size"] == 5
+    buffer = pd.read_parquet(store.session_url(second, "training/query_buffer.parquet"))
+    assert "gss_score" in buffer.columns and buffer["gss_score"].between(-1, 1).all()
