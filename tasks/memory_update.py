@@ -100,6 +100,7 @@ from driftlane.tasks.memory_state import MemoryState, split_tokens
 from driftlane.tasks.prototypes import (
     PrototypeSpec,
     cluster_prototype_sums,
+    document_prototype_blocks,
     document_prototypes,
 )
 from driftlane.tasks.recluster import warm_up_notes, warm_up_partition
@@ -188,13 +189,9 @@ def _prototype_blocks(new: NewDocuments, spec: PrototypeSpec, planes: dict[str, 
                       keep: np.ndarray, kept: list[np.ndarray]) -> Iterator[np.ndarray]:
     """The new documents' prototypes, one block of documents at a time; the prototypes of
     the (sorted) documents `keep` are appended to `kept` on the way."""
-    n = len(new.token_offsets) - 1
-    step = block_rows_for(spec.output_dim)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        block = document_prototypes(split_tokens(new.tokens, new.token_offsets[start:stop + 1]),
-                                    spec, planes)  # (b, output_dim)
-        wanted = keep[(keep >= start) & (keep < stop)]
+    for start, block in document_prototype_blocks(new.tokens, new.token_offsets, spec, planes,
+                                                  block_rows_for(spec.output_dim)):
+        wanted = keep[(keep >= start) & (keep < start + len(block))]
         kept.append(block[wanted - start])
         yield block
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ __all__ = [
     "add_members",
     "cluster_centroids",
     "cluster_prototype_sums",
+    "document_prototype_blocks",
     "document_prototypes",
     "load_prototype_spec",
     "make_hyperplanes",
@@ -162,6 +163,22 @@ def document_prototypes(
     Returns (n, spec.output_dim) float32 unit rows; a document without tokens gets a zero vector.
     """
     return _encode(token_arrays, spec, planes, document_side=True)
+
+
+def document_prototype_blocks(
+    tokens: np.ndarray, offsets: np.ndarray, spec: PrototypeSpec,
+    planes: dict[str, np.ndarray], block_rows: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Document prototypes of ragged token rows (`tokens` with `offsets`, n + 1 of them), a
+    block of `block_rows` documents at a time: (first document of the block, its (b,
+    output_dim) prototypes). Only one block's float32 token copies exist at once."""
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    n = len(offsets) - 1
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        arrays = [tokens[offsets[i]:offsets[i + 1]] for i in range(start, stop)]
+        yield start, document_prototypes(arrays, spec, planes)
 
 
 def query_prototypes(

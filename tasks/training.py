@@ -32,6 +32,7 @@ from driftlane.infra.embedding_cache import EmbeddingCache
 from driftlane.infra.faults import crash_point
 from driftlane.infra.io import read_npy, read_parquet
 from driftlane.tasks.batching import plan_batches, training_budget
+from driftlane.tasks.cluster_assignment import block_rows_for
 from driftlane.tasks.compatibility_loss import CompatibilityTargets
 from driftlane.tasks.embedding_stage import embed_stage
 from driftlane.tasks.finetune import FINETUNE_VERSION, fine_tune
@@ -40,7 +41,7 @@ from driftlane.tasks.interference import interference_scores
 from driftlane.tasks.memory import next_stream_index
 from driftlane.tasks.memory_state import load_memory_state, split_tokens, take_ragged
 from driftlane.tasks.negatives import CandidatePool
-from driftlane.tasks.prototypes import PrototypeSpec, document_prototypes, query_prototypes
+from driftlane.tasks.prototypes import PrototypeSpec, document_prototype_blocks, query_prototypes
 from driftlane.tasks.pseudo_positives import RaggedTokens
 from driftlane.tasks.replay import (
     QUERY_BUFFER_COLUMNS,
@@ -62,8 +63,6 @@ from driftlane.tasks.stage_results import (
 from driftlane.tasks.texts import doc_texts_of
 
 SAMPLE_VERSION = "4"  # 4: negatives scored on prototypes; false-negative rate
-# Documents whose prototypes are built at once when negatives are scored on prototypes.
-PROTOTYPE_BLOCK = 2048
 
 
 def _embed(label: str, texts: list[str], embedding: EmbeddingConfig, model_version: str,
@@ -93,12 +92,10 @@ def example_vectors(examples: pd.DataFrame, pool_keys: pd.Series,
 
 def pool_prototypes(doc_tokens: RaggedTokens, spec: PrototypeSpec,
                     planes: dict[str, np.ndarray]) -> np.ndarray:
-    """(N, P) float32 document prototypes of the pool's token embeddings, built in blocks of
-    PROTOTYPE_BLOCK documents (the float32 copies of their tokens stay small)."""
-    blocks = []
-    for start in range(0, len(doc_tokens), PROTOTYPE_BLOCK):
-        rows = np.arange(start, min(start + PROTOTYPE_BLOCK, len(doc_tokens)))
-        blocks.append(document_prototypes(doc_tokens.rows(rows), spec, planes))
+    """(N, P) float32 document prototypes of the pool's token embeddings, built in blocks
+    (`block_rows_for`: the float32 copies of their tokens stay small)."""
+    blocks = [block for _, block in document_prototype_blocks(
+        doc_tokens.tokens, doc_tokens.offsets, spec, planes, block_rows_for(spec.output_dim))]
     return (np.concatenate(blocks) if blocks
             else np.zeros((0, spec.output_dim), dtype=np.float32))
 

@@ -62,15 +62,18 @@ def test_sample_session_reports_the_false_negative_rate(world):  # noqa: F811
     assert any("judged positives: 0.500 of 2" in note for note in result.notes)
 
 
-def test_pool_prototypes_in_blocks_equal_one_pass(monkeypatch):
+def test_prototypes_in_blocks_equal_one_pass():
     from driftlane.tasks import training
+    from driftlane.tasks.prototypes import document_prototype_blocks
 
     spec = PrototypeSpec(n_bits=2, n_repetitions=2, projection_dim=8, seed=0, dim=16)
     planes = make_hyperplanes(spec)
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal((int(n), 16)).astype(np.float16) for n in (3, 1, 4, 2, 5)]
     ragged = RaggedTokens(np.concatenate(arrays), np.r_[0, np.cumsum([len(a) for a in arrays])])
-    monkeypatch.setattr(training, "PROTOTYPE_BLOCK", 2)
-    np.testing.assert_array_equal(training.pool_prototypes(ragged, spec, planes),
-                                  document_prototypes(arrays, spec, planes))
+    whole = document_prototypes(arrays, spec, planes)
+    blocks = list(document_prototype_blocks(ragged.tokens, ragged.offsets, spec, planes, 2))
+    assert [start for start, _ in blocks] == [0, 2, 4]
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), whole)
+    np.testing.assert_array_equal(training.pool_prototypes(ragged, spec, planes), whole)
     assert len(DOCS) == 8  # the shared world is the one test_sampling describes
