@@ -1,16 +1,13 @@
-"""The continual benchmark's pure parts (configurations, figures, report) and its
-start-up checks."""
+"""The continual benchmark's pure parts: configurations, figures, costs, the report and
+--resume."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -18,39 +15,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
+from continual_helpers import NDCG, SESSIONS, rows_from, timings  # noqa: E402
+
 from benchmarks import (  # noqa: E402
     continual,
     continual_costs,
     continual_report,
     continual_results,
-    continual_runs,
+    continual_resume,
 )
-
-# R[i][j] of nDCG@10 for a three-session stream, by hand; other metrics are 0.1 lower.
-NDCG = [[0.50, None, None],
-        [0.40, 0.60, None],
-        [0.45, 0.55, 0.70]]
-SESSIONS = ["00_a", "01_b", "02_c"]
-
-
-def rows_from(matrix):
-    rows = []
-    for i, name in enumerate(SESSIONS):
-        metrics = {}
-        for j, value in enumerate(matrix[i]):
-            if value is not None:
-                metrics[SESSIONS[j]] = {"ndcg@10": value, "success@5": value - 0.1,
-                                        "recall@10": value - 0.1, "recall@100": value - 0.1,
-                                        "n_queries": 10}
-        rows.append((name, metrics))
-    return rows
-
-
-def timings(embedding, training, indexing=1.0):
-    """A session's timings.json (or the summed stage times of a run)."""
-    return {"embedding": embedding, "clustering": 2.0, "training": training,
-            "indexing": indexing, "evaluation": 3.0,
-            "total": embedding + 2.0 + training + indexing + 3.0}
 
 
 def test_every_method_builds_a_valid_session_config():
@@ -382,36 +355,6 @@ def test_markdown_report_shows_methods_cost_targets_tests_and_seeds(tmp_path):
     assert "load average during the run: mean 3.0" in text
 
 
-def test_missing_folders_are_named_in_one_line(tmp_path):
-    datasets = tmp_path / "datasets"
-    (datasets / "cisi").mkdir(parents=True)
-    out = tmp_path / "results"
-    check = continual.missing_folder_error
-    assert check(out, str(datasets), ("cisi",)) is None  # a given --out-dir is created later
-    assert "has no scifact, cosqa" in check(out, str(datasets), ("cisi", "scifact", "cosqa"))
-    assert "no datasets folder" in check(out, str(tmp_path / "absent"), ("cisi",))
-    assert check(out, "s3://bucket/datasets", ("cisi",)) is None  # checked when read
-
-
-@pytest.mark.parametrize("absent", ["results", "datasets"])
-def test_main_stops_with_one_line_when_a_folder_is_missing(absent, tmp_path, monkeypatch,
-                                                            capsys):
-    (tmp_path / "datasets" / "cisi").mkdir(parents=True)
-    (tmp_path / "results").mkdir()
-    monkeypatch.setattr(continual, "DEFAULT_OUT_DIR", tmp_path / "results")
-    monkeypatch.setattr(continual, "CONFIGS", {"small": continual.BenchConfig(
-        name="small", datasets=("cisi",), docs_per_session=10, queries_per_session=None,
-        seeds=(0,))})
-    monkeypatch.setenv("DRIFTLANE_DATASETS", str(tmp_path / "datasets"))
-    (tmp_path / absent).rename(tmp_path / "gone")
-    with pytest.raises(SystemExit) as stopped:
-        continual.main(["--work", str(tmp_path / "work")])
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"no {absent} folder {tmp_path / absent}" in err
-    assert "Traceback" not in err and not (tmp_path / "work").exists()  # nothing started
-
-
 @pytest.mark.slow
 def test_per_query_scores_on_a_toy_run():
     qrels = {"s/1": {"s/a": 1}, "s/2": {"s/b": 1}, "s/3": {"s/a": 1}}
@@ -465,335 +408,6 @@ def test_pooled_tests_pair_every_method_baselines_second():
     assert set(pairs["driftlane vs joint"]) == set(continual_results.TEST_METRICS)
 
 
-# --- work in load-independent units --------------------------------------------------------
-
-
-def test_tokens_through_windows_by_hand():
-    # 96-token windows with 2 special tokens hold 94 content tokens; stride 94 - 16 = 78.
-    # 200 tokens: [0, 94), [78, 172), [106, 200) -> 3 x 94 + 3 x 2 = 288
-    counts = continual_costs.window_token_counts([200, 50, 0, 94, 95], 96, 16, 2)
-    assert counts.tolist() == [288, 52, 2, 96, 192]
-
-
-def test_encoding_and_training_units_and_their_cost():
-    encoded = continual_costs.encoding_units(
-        ["d1", "d2", "d3"], [3, 1, 2], {"d1": ("document", 288), "d2": ("query", 12)},
-        window_tokens=96)
-    # d3 is no text of the stream: its 2 windows count 96 tokens each
-    assert encoded == {"texts": 3, "windows": 6, "tokens": 288 + 12 + 2 * 96,
-                       "texts_by_kind": {"document": 1, "query": 1, "other": 1}}
-    trained = continual_costs.training_units([
-        {"steps": 3, "batch_size": 16, "tokens_per_example": 200.5},
-        {"steps": 2, "batch_size": 16, "tokens_per_example": 100.0}])
-    assert trained == {"steps": 5, "examples": 80, "tokens": 48 * 200.5 + 32 * 100}
-    work = {"encoded": encoded, "trained": trained}
-    assert continual_costs.cost_token_equivalents(work) == 492 + 3 * 12824
-    assert continual_costs.cost_token_equivalents({"encoded": encoded, "trained": None}) \
-        is None
-
-
-def test_training_tokens_cut_each_text_and_count_negatives_the_loss_used():
-    from benchmarks.continual_runs import WorkCounter
-
-    class WordTokenizer:  # one token per word
-        def __call__(self, texts, **_):
-            return {"input_ids": [[7] * len(text.split()) for text in texts]}
-
-    counter = object.__new__(WorkCounter)  # no encoder to load
-    counter.tokenizer, counter.n_special = WordTokenizer(), 2
-    examples = pd.DataFrame({"anchor": ["a b c", "a " * 20],
-                             "positive_key": ["s/1", "s/2"], "negative_key": ["s/2", None]})
-    doc_content = {"s/1": 5, "s/2": 30}
-    # cut at 10: anchors 5 and 10, positives 7 and 10, the one negative 10
-    assert counter._tokens_per_example(examples, doc_content, 10, True) == \
-        pytest.approx((5 + 7 + 10 + 10 + 10) / 2)
-    assert counter._tokens_per_example(examples, doc_content, 10, False) == \
-        pytest.approx((5 + 7 + 10 + 10) / 2)
-
-
-def test_aggregate_averages_cpu_seconds_and_work():
-    def run(cpu, tokens):
-        return {"avg_ndcg@10": 0.5, "cpu_s": cpu,
-                "work": {"encoded": {"tokens": tokens, "texts_by_kind": {"document": tokens}},
-                         "trained": {"steps": 2}, "cost_token_equivalents": tokens}}
-
-    out = continual_results.aggregate_seeds({0: run(100.0, 10), 1: run(300.0, 30)})
-    assert out["cpu_s"] == 200.0 and out["std"]["cpu_s"] == pytest.approx(141.42, abs=0.01)
-    assert out["work"] == {"encoded": {"tokens": 20.0, "texts_by_kind": {"document": 20.0}},
-                           "trained": {"steps": 2.0}, "cost_token_equivalents": 20.0}
-    assert continual_results.aggregate_seeds({0: run(1.0, 1), 1: {"cpu_s": 2.0}})["work"] \
-        is None  # a seed without counts: no partial mean
-
-
-# --- cost per session (issue 14) ---------------------------------------------------------------
-
-
-def test_files_belong_to_the_session_whose_manifest_follows_them():
-    published = [100.0, 200.0, 300.0]
-    owners = continual_costs.owners_by_time([50.0, 100.0, 100.4, 150.0, 300.2, 999.0],
-                                            published)
-    assert owners == [0, 0, 0, 1, 2, 2]  # 0.5 s of slack; after the last: the last session
-    assert continual_costs.owners_by_time([100.4], published, slack_s=0.0) == [1]
-    # a cache shard's name holds its time in nanoseconds; other files use their mtime
-    name = "cache/m/c-vec-e1/01700000000123456789-abcdef012345.vectors.npy"
-    assert continual_costs.file_time(name, 5.0) == pytest.approx(1_700_000_000.123456789)
-    assert continual_costs.file_time("x/manifest.json", 5.0) == 5.0
-    assert continual_costs.file_time("x/manifest.json", "yesterday", default=7.0) == 7.0
-    with pytest.raises(ValueError, match="no published session"):
-        continual_costs.owners_by_time([1.0], [])
-
-
-def per_session_work():
-    """Three sessions' work by hand: cache shards of sessions 0, 2, 2; sessions 0 and 2
-    trained; session folders of 1000-1200 bytes; cache files of sessions 0, 0, 1, 2."""
-    return continual_costs.per_session_work(
-        3, shard_owners=[0, 2, 2],
-        shard_units=[{"texts": 2, "tokens": 100}, {"texts": 1, "tokens": 40},
-                     {"texts": 3, "tokens": 60}],
-        trained={0: {"steps": 2, "batch_size": 16, "tokens_per_example": 10.0},
-                 2: {"steps": 1, "batch_size": 16, "tokens_per_example": 20.0}},
-        session_bytes=[1000, 1100, 1200], cache_owners=[0, 0, 1, 2],
-        cache_file_bytes=[10, 20, 30, 40])
-
-
-def test_work_and_bytes_per_session_by_hand():
-    assert per_session_work() == {
-        "encoded_texts": [2, 0, 4], "encoded_tokens": [100, 0, 100],
-        "trained_steps": [2, 0, 1], "trained_examples": [32, 0, 16],
-        "trained_tokens": [320, 0, 320], "session_bytes": [1000, 1100, 1200],
-        "cache_bytes": [30, 30, 40]}
-
-
-def test_session_costs_sums_and_last_over_second():
-    times = continual_costs.per_session_times(
-        [timings(10, 20, 2), timings(4, 30, 1), timings(5, 0, 1)], continual_results.STAGES)
-    costs = continual_costs.session_costs(SESSIONS, times, {"per_session": per_session_work()})
-    assert costs["sessions"] == SESSIONS
-    assert costs["embedding_indexing_s"] == [12.0, 5.0, 6.0]
-    assert costs["embedding_training_s"] == [30.0, 34.0, 5.0]
-    # tokens encoded + 3 x tokens trained
-    assert costs["embedding_training_cost"] == [100 + 960, 0, 100 + 960]
-    assert costs["bytes_added"] == [1030, 1130, 1240]
-    assert costs["cumulative"]["embedding_training_cost"] == 2120
-    assert costs["cumulative"]["embedding_indexing_s"] == 23.0
-    assert costs["cumulative"]["bytes_added"] == 3400
-    flat = costs["last_over_second"]
-    assert flat["embedding_indexing_s"] == pytest.approx(1.2)
-    assert flat["bytes_added"] == pytest.approx(1240 / 1130, abs=1e-4)
-    assert flat["embedding_training_cost"] is None  # the second session cost nothing
-    # a session without timings: its seconds, their sum and a ratio through it are unknown
-    partial = continual_costs.session_costs(
-        SESSIONS, continual_costs.per_session_times([timings(10, 20), timings(4, 30), None],
-                                                    continual_results.STAGES), None)
-    assert partial["embedding_indexing_s"] == [11.0, 5.0, None]
-    assert partial["cumulative"]["embedding_indexing_s"] is None
-    assert partial["last_over_second"]["embedding_indexing_s"] is None
-    assert partial["bytes_added"] is None and partial["cumulative"]["bytes_added"] is None
-    assert continual_costs.session_costs(SESSIONS, None, {"encoded": {}}) is None
-    assert continual_costs.last_over_second([5.0]) is None  # one session: no second
-
-
-def test_aggregate_averages_the_per_session_costs_over_seeds():
-    def run(scale):
-        work = per_session_work()
-        work = {"per_session": {k: [v * scale for v in values] for k, values in work.items()}}
-        return {"avg_ndcg@10": 0.5, "sessions": SESSIONS, "work": work,
-                "time_s_per_session": continual_costs.per_session_times(
-                    [timings(10 * scale, 20), timings(4 * scale, 30), timings(5 * scale, 0)],
-                    continual_results.STAGES)}
-
-    out = continual_results.aggregate_seeds({0: run(1), 1: run(3)})
-    assert out["work"]["per_session"]["cache_bytes"] == [60.0, 60.0, 80.0]  # mean of x1, x3
-    assert out["time_s_per_session"]["embedding"] == [20.0, 8.0, 10.0]
-    costs = out["session_costs"]
-    assert costs["sessions"] == SESSIONS
-    assert costs["embedding_indexing_s"] == [21.0, 9.0, 11.0]
-    assert costs["bytes_added"] == [2060.0, 2260.0, 2480.0]
-    assert costs["last_over_second"]["embedding_indexing_s"] == pytest.approx(11 / 9, abs=1e-4)
-    older = {k: v for k, v in run(1).items() if k != "time_s_per_session"}  # older code
-    mixed = continual_results.aggregate_seeds({0: run(1), 1: older})
-    assert mixed["time_s_per_session"] is None
-    assert mixed["session_costs"]["embedding_indexing_s"] is None
-    assert mixed["session_costs"]["bytes_added"] == [1030.0, 1130.0, 1240.0]
-
-
-class WordTokenizer:  # one token per word
-    def __call__(self, texts, **_):
-        return {"input_ids": [[7] * len(text.split()) for text in texts]}
-
-
-def test_work_of_a_hand_made_store_splits_over_its_sessions(tmp_path):
-    from benchmarks.continual_runs import WorkCounter
-    from driftlane.infra.config import ChunkingConfig
-    from driftlane.infra.embedding_cache import EmbeddedTexts, EmbeddingCache
-    from driftlane.infra.store import SessionManifest, Store
-    from driftlane.tasks.texts import text_digest
-
-    counter = object.__new__(WorkCounter)  # no encoder to load
-    counter.tokenizer, counter.n_special, counter._sessions = WordTokenizer(), 2, {}
-    counter.window_tokens, counter.overlap_tokens = 96, 16
-    store = Store(str(tmp_path / "store"))
-    store.ensure()
-    cache = EmbeddingCache(store.cache_url, "m1", ChunkingConfig(window_tokens=96,
-                                                                  overlap_tokens=16))
-    for index, (name, docs) in enumerate({"a": ["one two three", "four"],
-                                          "b": ["five six"]}.items()):
-        texts = [*docs, f"query of {name}"]
-        cache.add([text_digest(t) for t in texts],
-                  EmbeddedTexts(np.zeros((len(texts), 4), np.float32),
-                                np.ones(len(texts), np.int32)))
-        folder = tmp_path / name
-        folder.mkdir()
-        pd.DataFrame({"doc_id": [str(i) for i in range(len(docs))], "title": [""] * len(docs),
-                      "text": docs}).to_parquet(folder / "docs.parquet")
-        pd.DataFrame({"query_id": ["q"], "text": [f"query of {name}"]}).to_parquet(
-            folder / "queries.parquet")
-        store.publish_session(folder, SessionManifest(
-            name=name, index=index, digest=f"d{index}", model_version="m1",
-            n_docs=len(docs), n_queries=1, config_digest="c"))
-        if index == 0:  # the next session writes its cache files after this one's manifest
-            time.sleep(continual_costs.CLOCK_SLACK_S + 0.1)
-    work = counter.work_of_store(store.url)
-
-    def sizes(folder):
-        return {path.name: path.stat().st_size for path in sorted(folder.rglob("*"))
-                if path.is_file()}
-
-    # tokens: each content word + 2 special tokens; a: 5 + 3 + 5 (query), b: 4 + 5
-    assert work["encoded"]["tokens"] == 22 and work["encoded"]["texts"] == 5
-    per = work["per_session"]
-    assert per["encoded_tokens"] == [13, 9] and per["encoded_texts"] == [3, 2]
-    assert per["trained_tokens"] == [0, 0] and per["trained_steps"] == [0, 0]
-    sessions = store.path("sessions")
-    assert per["session_bytes"] == [sum(sizes(Path(sessions) / f).values())
-                                    for f in sorted(os.listdir(sessions))]
-    cache_files = sizes(Path(store.path("cache")))
-    shards = sorted({name.split(".")[0] for name in cache_files})
-    assert len(shards) == 2
-    assert per["cache_bytes"] == [sum(b for n, b in cache_files.items() if n.startswith(s))
-                                  for s in shards]
-
-
-# --- what to run: configurations, ad-hoc streams, names --------------------------------------
-
-
-@pytest.fixture
-def folders(tmp_path, monkeypatch):
-    """A datasets folder with scifact, cosqa, cisi, a results folder and a stream folder."""
-    for name in ("scifact", "cosqa", "cisi", "npl_vaswani"):
-        (tmp_path / "datasets" / name).mkdir(parents=True)
-    (tmp_path / "results").mkdir()
-    stream = tmp_path / "my stream!"
-    for name in ("00_a", "01_b"):
-        (stream / name).mkdir(parents=True)
-    (stream / "stream.json").write_text(json.dumps({"sessions": [{"name": "00_a"},
-                                                                 {"name": "01_b"}]}))
-    monkeypatch.setattr(continual, "DEFAULT_OUT_DIR", tmp_path / "results")
-    monkeypatch.setenv("DRIFTLANE_DATASETS", str(tmp_path / "datasets"))
-    return tmp_path
-
-
-def test_a_configuration_run_and_its_subsets(folders):
-    request = continual.request_from_argv(["--config", "medium"])
-    assert not request.ad_hoc and request.bench is continual.CONFIGS["medium"]
-    assert request.stem == "continual_medium" and request.seeds == (0, 1, 2)
-    assert request.methods == tuple(continual.METHODS)
-    assert request.out_dir == folders / "results"
-    assert request.work == (Path.home() / ".cache/driftlane/bench/medium").resolve()
-    subset = continual.request_from_argv(["--methods", "driftlane,zero_shot", "--seeds", "3"])
-    assert subset.methods == ("zero_shot", "driftlane")  # report order
-    assert subset.seeds == (3,) and subset.stem == "continual_small_subset"
-    modes = continual.request_from_argv(["--methods", "zero_shot", "driftlane", "driftlane_full",
-                                         "driftlane_compatible", "joint"])
-    assert modes.methods == ("zero_shot", "joint", "driftlane_full", "driftlane_compatible",
-                             "driftlane")
-    assert modes.stem == "continual_small_subset"
-    assert {"driftlane", "driftlane_full", "driftlane_compatible", "joint"} <= set(
-        request.methods)  # medium runs the update modes too
-    assert continual.request_from_argv([]).stem == "continual_small"  # `make bench`
-
-
-def test_an_ad_hoc_run_from_collections(folders):
-    mine = folders / "beir" / "my-corpus"
-    mine.mkdir(parents=True)
-    request = continual.request_from_argv(["--config", "medium", "--datasets", "scifact",
-                                           f"{mine}/", "--work", str(folders / "w")])
-    assert request.ad_hoc and request.settings_from == "medium"
-    assert request.bench.name == "scifact-my-corpus" and request.stem == \
-        "continual_scifact-my-corpus"
-    assert request.bench.datasets == ("scifact", f"{mine}/")
-    assert request.bench.session == continual.CONFIGS["medium"].session
-    assert request.bench.docs_per_session == 2000  # cut as the configuration cuts
-    assert request.out_dir == folders / "w"  # the results stay with the run, not in the repo
-    named = continual.request_from_argv(["--datasets", "cosqa,cisi", "--name", "mine",
-                                         "--out-dir", str(folders / "out")])
-    assert named.bench.datasets == ("cosqa", "cisi") and named.stem == "continual_mine"
-    assert named.out_dir == folders / "out" and named.bench.seeds == (0,)
-
-
-def test_an_ad_hoc_run_from_a_stream(folders):
-    request = continual.request_from_argv(["--stream", str(folders / "my stream!")])
-    assert request.bench.stream == str((folders / "my stream!").resolve())
-    assert request.bench.name == "my_stream" and request.bench.datasets == ()
-    assert request.work.name == "my_stream"
-
-
-def test_ad_hoc_names_are_safe_and_bounded():
-    assert continual.ad_hoc_name(["a", "s3://bucket/b/", "~/x y"], None) == "a-b-x_y"
-    long = continual.ad_hoc_name([f"collection_{i}" for i in range(10)], None)
-    assert len(long) == 60 and long.startswith("collection_0-collection_1")
-    assert long != continual.ad_hoc_name([f"collection_{i}" for i in range(11)], None)
-
-
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--config", "huge"], "--config must be one of small, medium, gpu"),
-    (["--datasets", "cisi", "--stream", "s"], "--datasets and --stream both give the stream"),
-    (["--name", "x"], "--name names an ad-hoc run"),
-    (["--datasets", "cisi", "--name", "small"], "belongs to a configuration's results"),
-    (["--datasets", "cisi", "--name", "a/b"], "use letters, digits"),
-    (["--methods", "driftlane,mir"], "unknown method 'mir'"),
-    (["--datasets", "cisi", "absent"], "has no absent"),
-    (["--datasets", "/no/such/beir"], "no collection folder /no/such/beir"),
-    (["--stream", "STREAM", "--datasets-dir", "d"], "--datasets-dir does not apply"),
-    (["--stream", "DATASETS"], "no stream.json"),
-    (["--stream", "SMALL"], "pass --name"),
-])
-def test_what_cannot_run_is_one_line(folders, argv, message):
-    small = folders / "small"  # a stream folder whose name is a configuration's
-    (small / "00_a").mkdir(parents=True)
-    (small / "stream.json").write_text(json.dumps({"sessions": [{"name": "00_a"}]}))
-    places = {"STREAM": str(folders / "my stream!"), "DATASETS": str(folders / "datasets"),
-              "SMALL": str(small)}
-    with pytest.raises(continual.BenchUsageError) as raised:
-        continual.request_from_argv([places.get(a, a) for a in argv])
-    assert message in str(raised.value) and "\n" not in str(raised.value)
-
-
-def test_the_bench_command_passes_its_options_on(folders, monkeypatch):
-    from typer.testing import CliRunner
-
-    from driftlane.flows.cli import app
-
-    ran = []
-    monkeypatch.setattr(continual, "run_request", lambda request, argv: ran.append(request))
-    runner = CliRunner()
-    result = runner.invoke(app, ["bench", "--config", "medium", "--datasets", "scifact,cosqa",
-                                 "--datasets", "cisi", "--methods", "driftlane",
-                                 "--methods", "zero_shot", "--seeds", "1", "--seeds", "2",
-                                 "--work", str(folders / "w"), "--resume"])
-    assert result.exit_code == 0, result.output
-    (request,) = ran
-    assert request.bench.datasets == ("scifact", "cosqa", "cisi")
-    assert request.stem == "continual_scifact-cosqa-cisi" and request.settings_from == "medium"
-    assert request.methods == ("zero_shot", "driftlane") and request.seeds == (1, 2)
-    assert request.resume and request.work == folders / "w"
-
-    result = runner.invoke(app, ["bench", "--datasets", "cisi", "--stream", "s"])
-    assert result.exit_code == 2 and not ran[1:]
-    assert result.output.strip().splitlines() == [
-        "error: --datasets and --stream both give the stream; pass one"]
-
-
 def test_sampling_diagnostics_are_pooled_by_judged_cases():
     from benchmarks.continual_sampling import sampling_lines
 
@@ -813,21 +427,21 @@ def test_resume_keeps_a_run_whose_settings_only_lack_new_fields(tmp_path):
     small = continual.CONFIGS["small"]
     config = continual.method_config(small, "driftlane", 0)
     run = {"store": str(tmp_path / "store"), "avg_ndcg@10": 0.5}
-    continual_runs.save_finished_run(tmp_path, "driftlane", 0, config, run)
-    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, config, 0) == run
-    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, config, 1) is None
+    continual_resume.save_finished_run(tmp_path, "driftlane", 0, config, run)
+    assert continual_resume.load_finished_run(tmp_path, "driftlane", 0, config, 0) == run
+    assert continual_resume.load_finished_run(tmp_path, "driftlane", 0, config, 1) is None
     path = tmp_path / "runs" / "driftlane_seed0.json"
     saved = json.loads(path.read_text())
     # a run saved before `replay_selection` existed: another digest, the field missing
     del saved["settings"]["sampling"]["replay_selection"]
     saved["config_digest"] = "older"
     path.write_text(json.dumps(saved))
-    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, config, 0) == run
+    assert continual_resume.load_finished_run(tmp_path, "driftlane", 0, config, 0) == run
     other = continual.method_config(small, "random_replay", 0)
-    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, other, 0) is None
+    assert continual_resume.load_finished_run(tmp_path, "driftlane", 0, other, 0) is None
     saved["settings"]["sampling"]["removed_option"] = 1  # a field this code no longer knows
     path.write_text(json.dumps(saved))
-    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, config, 0) is None
+    assert continual_resume.load_finished_run(tmp_path, "driftlane", 0, config, 0) is None
     del saved["settings"]  # runs saved with the digest alone still need the same digest
     path.write_text(json.dumps(saved))
-    assert continual_runs.load_finished_run(tmp_path, "driftlane", 0, config, 0) is None
+    assert continual_resume.load_finished_run(tmp_path, "driftlane", 0, config, 0) is None
