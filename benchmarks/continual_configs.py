@@ -28,6 +28,8 @@ a set of configuration overrides (METHODS) on top of the configuration's shared 
     driftlane_selfsup     the defaults with self-supervised (pseudo-positive) sampling
     driftlane_selfsup_docs  self-supervised, and every new document also trains as its own
                           positive anchored by a span of it (`document_example_ratio` 1.0)
+    driftlane_selfsup_fusion  self-supervised, pseudo-positives by reciprocal-rank fusion of
+                          MaxSim and BM25 (`pseudo_positive_scoring` fusion)
 
 The other baselines keep the default update mode (aligned). The `[update]` section is
 infra.config.UpdateConfig.
@@ -111,6 +113,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "driftlane_selfsup": {"sampling": {"mode": "self_supervised"}},
     "driftlane_selfsup_docs": {"sampling": {"mode": "self_supervised",
                                             "document_example_ratio": 1.0}},
+    "driftlane_selfsup_fusion": {"sampling": {"mode": "self_supervised",
+                                              "pseudo_positive_scoring": "fusion"}},
     # issue 15: the prototype roles against their dense counterparts
     "driftlane_prototypes": {"memory": {"representation": "prototypes"}},
     "driftlane_proto_negatives": {"sampling": {"negative_scoring": "prototypes"}},

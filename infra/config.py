@@ -224,6 +224,13 @@ class NegativeScoring(StrEnum):
     prototypes = "prototypes"
 
 
+class PseudoPositiveScoring(StrEnum):
+    """How a self-supervised query's pseudo-positive is picked among its clusters' members."""
+
+    maxsim = "maxsim"
+    fusion = "fusion"
+
+
 class ReplaySelection(StrEnum):
     """Which buffered (query, positive) pairs replay in a session (tasks.replay)."""
 
@@ -247,6 +254,10 @@ class SamplingConfig(_Section):
         "term-scored document in the query's nearest clusters.")
     n_probe: int = Field(default=2, ge=1, le=1024,
                          description="Nearest clusters searched for a pseudo-positive.")
+    pseudo_positive_scoring: PseudoPositiveScoring = Field(
+        default=PseudoPositiveScoring.maxsim,
+        description="maxsim: the best exact-MaxSim member of the query's clusters; fusion: the "
+        "best by reciprocal-rank fusion of MaxSim and BM25 over the pool (a lexical teacher).")
     hard_negative_margin: float = Field(
         default=0.05, ge=0.0, le=2.0,
         description="Negatives must score at most (positive score - margin) against the query.")

@@ -14,7 +14,9 @@ that the caller looks up. Nothing here edits its inputs; every function returns 
 Rules (DESIGN step 7 leaves the details open; decided here):
 - Labeled mode: a (query, positive) pair per `qrels/train.tsv` row with score > 0
   (`labeled_pairs`). Self-supervised mode: every query not judged in the test split
-  (`training_queries`) gets a pseudo-positive (`tasks.pseudo_positives`).
+  (`training_queries`) gets a pseudo-positive (`tasks.pseudo_positives`: by MaxSim, or with
+  `pseudo_positive_scoring = "fusion"` by rank fusion with BM25 over the pool's texts,
+  `tasks.lexical`).
 - Each pair gets one mined negative (`tasks.negatives`: hard from the positive's cluster, easy
   from another one, never a likely unlabeled positive).
 - Singleton clusters (one member in the pool). The document is its own positive: a document
@@ -57,7 +59,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from driftlane.infra.config import SamplingConfig, SamplingMode
+from driftlane.infra.config import PseudoPositiveScoring, SamplingConfig, SamplingMode
+from driftlane.tasks.lexical import Bm25Index
 from driftlane.tasks.memory import CentroidTable
 from driftlane.tasks.negatives import (
     REPLAY_STREAM,
@@ -235,8 +238,13 @@ def sample_session(
         if query_tokens is None or doc_tokens is None:
             raise ValueError("self-supervised sampling needs query and document token embeddings")
         probes = query_vectors if probe_vectors is None else probe_vectors
+        lexical = None
+        if config.pseudo_positive_scoring == PseudoPositiveScoring.fusion:
+            lexical = Bm25Index.build(texts_of_keys(
+                doc_texts, pool["doc_key"].to_numpy(dtype=object))).scores(
+                queries["text"].astype(str).tolist())
         found = pseudo_positives(queries["query_key"], probes, query_tokens, pool, doc_tokens,
-                                 centroids, config.n_probe)
+                                 centroids, config.n_probe, lexical=lexical)
         pairs = found[["query_key", "positive_key"]]
         diagnostics = pseudo_positive_precision(pairs, qrels, session)
         if diagnostics["pseudo_positive_precision"] is not None:
