@@ -76,11 +76,11 @@ def replay_examples(
 
     query_buffer (`QUERY_BUFFER_COLUMNS`) with buffer_vectors (b, d), the current encoder's
     vectors of its query texts. Buffer rows whose positive is not in the pool are skipped; the
-    rest are drawn uniformly without replacement (origin "buffer"); with `rank`, every one of
-    them becomes an example and `rank(examples)` scores them (higher replays first, ties in
-    buffer order). If they are fewer than
-    `n_replay`, document examples of pool documents from sessions other than `session` fill up,
-    also drawn without replacement. Fewer than `n_replay` come back when memory is small.
+    rest are drawn uniformly without replacement (origin "buffer"). With `rank`, every one of
+    them becomes an example, `rank(examples)` scores them, and the `n_replay` best replay
+    (ties in buffer order). If they are fewer than `n_replay`, document examples of pool
+    documents from sessions other than `session` fill up, also drawn without replacement.
+    Fewer than `n_replay` come back when memory is small.
     """
     if len(query_buffer) != len(buffer_vectors):
         raise ValueError(f"{len(query_buffer)} buffer rows for {len(buffer_vectors)} vectors")
