@@ -87,30 +87,34 @@ def gss_greedy(buffer_scores: np.ndarray, buffer_gradients: np.ndarray,
     rng = seeded_rng(seed, GSS_STREAM)
     gradients = np.concatenate([buffer_gradients, new_gradients]).astype(np.float64)
     comparable = ~np.isnan(gradients).any(axis=(1, 2))
-    slots = list(range(min(len(buffer_scores), budget)))
-    scores = [float(s) if np.isfinite(s) else 0.0 for s in buffer_scores[:len(slots)]]
+    filled = min(len(buffer_scores), budget)
+    slots = np.zeros(budget, dtype=np.int64)  # source row of each slot
+    scores = np.zeros(budget, dtype=np.float64)
+    slots[:filled] = np.arange(filled)
+    scores[:filled] = np.nan_to_num(np.asarray(buffer_scores[:filled], np.float64), nan=0.0,
+                                    posinf=0.0, neginf=0.0)
     for offset in range(len(new_gradients)):
         row = len(buffer_scores) + offset
-        candidates = [i for i, source in enumerate(slots) if comparable[source]]
+        candidates = np.flatnonzero(comparable[slots[:filled]])
         score = 0.0
-        if candidates and comparable[row]:
+        if len(candidates) and comparable[row]:
             picked = rng.choice(len(candidates), size=min(compared, len(candidates)),
                                 replace=False)
-            sources = np.asarray(slots)[np.asarray(candidates)[picked]]
+            sources = slots[candidates[picked]]
             score = float(gradient_cosines(gradients[row:row + 1], gradients[sources]).max())
-        if len(slots) < budget:
-            slots.append(row)
-            scores.append(score)
+        if filled < budget:
+            slots[filled], scores[filled] = row, score
+            filled += 1
             continue
         if budget == 0 or score >= 0.0:
             continue
-        weights = np.asarray(scores) + 1.0
+        weights = scores + 1.0
         weights = weights / weights.sum() if weights.sum() > 0 else None
-        slot = int(rng.choice(len(slots), p=weights))
+        slot = int(rng.choice(budget, p=weights))
         held, offered = scores[slot] + 1.0, score + 1.0
         if rng.random() < held / (held + offered):
             slots[slot], scores[slot] = row, score
-    return np.asarray(slots, dtype=np.int64), np.asarray(scores, dtype=np.float64)
+    return slots[:filled].copy(), scores[:filled].copy()
 
 
 def gss_update_query_buffer(buffer: pd.DataFrame, buffer_vectors: np.ndarray,
