@@ -91,6 +91,7 @@ from benchmarks.continual_runs import (
     temporary_prefect,
     warm_up,
 )
+from benchmarks.continual_sampling import sampling_diagnostics
 
 __all__ = ["CONFIGS", "DEFAULT_OUT_DIR", "DEFAULT_WORK_ROOT", "MEDIUM_MAX_STEPS", "METHODS",
            "BenchConfig", "BenchRequest", "BenchUsageError", "ad_hoc_name", "deep_merge",
@@ -141,6 +142,8 @@ def run_benchmark(bench: BenchConfig, methods: Sequence[str], seeds: Sequence[in
                         continue
                 if run.get("time_s_per_session") is None:  # kept from older code
                     run["time_s_per_session"] = summarize_run_times(store)
+                if "sampling" not in run:  # kept from older code
+                    run["sampling"] = sampling_diagnostics(str(store))
                 if "per_session" not in (run.get("work") or {}):  # new, or older code
                     run["work"] = _work_of(counter, store, errors, key)
                     save_finished_run(work, method, seed, configs[(method, seed)], run)

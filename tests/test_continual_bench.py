@@ -180,6 +180,13 @@ def test_targets_from_hand_made_figures():
     assert close["measured"]["driftlane_minus_joint_points"] == pytest.approx(-0.5)
     assert close["met"] is True
     assert targets["selfsup_above_zero_shot"]["met"] is False  # 0.5 points < 1
+    # each self-supervised variant that ran is reported; one at +1.5 points meets it
+    variants = continual_results.evaluate_targets(
+        {**methods, "driftlane_selfsup_fusion": method(0.415)}, significance(0.01))
+    assert variants["selfsup_above_zero_shot"]["measured"] == {
+        "driftlane_selfsup_minus_zero_shot_points": pytest.approx(0.5),
+        "driftlane_selfsup_fusion_minus_zero_shot_points": pytest.approx(1.5)}
+    assert variants["selfsup_above_zero_shot"]["met"] is True
 
     # not significant, a MIR baseline ahead, forgetting, a costlier driftlane
     worse = {**methods, "mir": method(0.44),
@@ -196,6 +203,7 @@ def test_targets_from_hand_made_figures():
     assert missing["driftlane_above_zero_shot"]["met"] is None
     assert missing["driftlane_above_replay"]["met"] is None
     assert missing["driftlane_backward_transfer"]["met"] is True
+    assert missing["selfsup_above_zero_shot"]["met"] is None
     no_test = continual_results.evaluate_targets(methods)  # no pooled test: not verifiable
     assert no_test["driftlane_above_zero_shot"]["met"] is None
     # issue 14: no driftlane_full run, no comparison with it; the cost against joint from the
