@@ -52,9 +52,10 @@ Configurations (CONFIGS):
     gpu     the full default stream (scifact, cosqa, npl_vaswani, cisi, msmarco_agentset5k),
             windows of 256 tokens, training texts of 256 tokens; 3 seeds; device auto.
 
-Measured (continual_medium_subset.md, seed 0, the step cap on, a machine shared with other
-work): zero_shot 9 min, random_replay 33 min, driftlane 18 min, driftlane_selfsup_docs 18 min
-wall. The estimate below predates the step cap and the update modes.
+Measured (continual_medium_subset.md, seed 0, the step cap on; wall minutes, machine load in
+brackets): zero_shot 9 (4.2), random_replay 33 (4.9), mir 23 (1.9), gss 22 (1.8), driftlane 18
+(2.6), driftlane_selfsup_docs 18 (1.7), driftlane_selfsup_fusion 17 (1.8); CPU minutes 8, 26,
+33, 32, 24, 30, 28. The estimate below predates the step cap and the update modes.
 
 Run time of medium, estimated from the committed small results (continual_small.json, mean
 load 3.2 on 2 cores): the work of each method on each stream was counted as the flow does it
