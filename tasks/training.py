@@ -200,8 +200,11 @@ def sample_training(session_name: str, ingested: IngestedSession, embedded: Embe
     rows = query_buffer_rows(examples, session_name, next_stream_index(buffer, seen))
     if sampling.query_buffer_policy == BufferPolicy.gss:
         new = examples[new_query_examples(examples)]
-        anchors = query_vectors[pd.Index(queries["query_key"].to_numpy(dtype=object))
-                                .get_indexer(new["query_key"].to_numpy(dtype=object))]
+        rows_of_queries = pd.Index(queries["query_key"].to_numpy(dtype=object)).get_indexer(
+            new["query_key"].to_numpy(dtype=object))
+        if (rows_of_queries < 0).any():  # every new query example comes from `queries`
+            raise ValueError("new query examples without an embedded query")
+        anchors = query_vectors[rows_of_queries]
         buffer, seen = gss_update_query_buffer(
             buffer, buffer_vectors, rows, new, anchors,
             CandidatePool.from_table(pool, pool_vectors, state.centroids),
