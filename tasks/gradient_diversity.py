@@ -35,7 +35,7 @@ import pandas as pd
 
 from driftlane.tasks.memory import next_stream_index
 from driftlane.tasks.negatives import CandidatePool, Seed, examples_from_pairs, seeded_rng
-from driftlane.tasks.replay import QUERY_BUFFER_COLUMNS
+from driftlane.tasks.replay import QUERY_BUFFER_COLUMNS, buffer_pairs
 
 __all__ = ["GSS_SCORE", "gradient_cosines", "gss_greedy", "gss_update_query_buffer",
            "pair_gradients"]
@@ -140,11 +140,8 @@ def gss_update_query_buffer(buffer: pd.DataFrame, buffer_vectors: np.ndarray,
     usable = np.flatnonzero(
         pool.index.get_indexer(buffer["positive_key"].to_numpy(dtype=object)) >= 0)
     if len(usable):
-        chosen = buffer.iloc[usable]
-        pairs = pd.DataFrame({"query_key": chosen["query_key"].to_numpy(dtype=object),
-                              "anchor": chosen["query_text"].to_numpy(dtype=object),
-                              "positive_key": chosen["positive_key"].to_numpy(dtype=object)})
-        mined = examples_from_pairs(pairs, buffer_vectors[usable], pool, margin=margin,
+        mined = examples_from_pairs(buffer_pairs(buffer.iloc[usable]), buffer_vectors[usable],
+                                    pool, margin=margin,
                                     easy_ratio=easy_ratio, seed=seed, origin="buffer",
                                     source="replay",
                                     known_positives=buffer[["query_key", "positive_key"]])

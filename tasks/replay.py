@@ -39,6 +39,7 @@ from driftlane.tasks.negatives import (
 
 __all__ = [
     "QUERY_BUFFER_COLUMNS",
+    "buffer_pairs",
     "empty_query_buffer",
     "new_query_examples",
     "query_buffer_rows",
@@ -93,12 +94,9 @@ def replay_examples(
         take = usable
     parts = []
     if len(take):
-        chosen = query_buffer.iloc[take]
-        pairs = pd.DataFrame({"query_key": chosen["query_key"].to_numpy(dtype=object),
-                              "anchor": chosen["query_text"].to_numpy(dtype=object),
-                              "positive_key": chosen["positive_key"].to_numpy(dtype=object)})
         parts.append(examples_from_pairs(
-            pairs, buffer_vectors[take], pool, margin=margin, easy_ratio=easy_ratio, seed=seed,
+            buffer_pairs(query_buffer.iloc[take]), buffer_vectors[take], pool, margin=margin,
+            easy_ratio=easy_ratio, seed=seed,
             origin="buffer", source="replay",
             known_positives=query_buffer[["query_key", "positive_key"]]))
         if rank is not None:
@@ -116,6 +114,13 @@ def replay_examples(
                                        margin=margin, easy_ratio=easy_ratio,
                                        seed=[*seed_list(seed), 1], source="replay"))
     return concat_examples(parts)
+
+
+def buffer_pairs(rows: pd.DataFrame) -> pd.DataFrame:
+    """DataFrame(query_key, anchor, positive_key) of buffer rows, for `examples_from_pairs`."""
+    return pd.DataFrame({"query_key": rows["query_key"].to_numpy(dtype=object),
+                         "anchor": rows["query_text"].to_numpy(dtype=object),
+                         "positive_key": rows["positive_key"].to_numpy(dtype=object)})
 
 
 def empty_query_buffer() -> pd.DataFrame:
